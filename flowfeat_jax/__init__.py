@@ -1,0 +1,1 @@
+"""FlowFeat in JAX/Flax NNX: pixel-dense features learned from optical flow."""

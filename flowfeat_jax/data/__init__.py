@@ -1,0 +1,1 @@
+"""Data: video ingestion, flow records and the grain pipeline."""

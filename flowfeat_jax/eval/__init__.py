@@ -1,0 +1,1 @@
+"""Evaluation: DAVIS J&F scorer, label propagation and linear probe."""

@@ -1,0 +1,1 @@
+"""Flax NNX model families: ViT encoders, DPT decoder, FlowFeat."""

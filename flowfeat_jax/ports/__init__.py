@@ -1,0 +1,1 @@
+"""Weight porting between torch state dicts / Hugging Face checkpoints and NNX modules."""

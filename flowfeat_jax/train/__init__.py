@@ -1,0 +1,1 @@
+"""Training: crops, losses, ridge probe, EMA, the pure train step and the loop."""
