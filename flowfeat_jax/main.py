@@ -1,0 +1,45 @@
+r"""Train FlowFeat: `python -m flowfeat_jax.main --config configs/<name>.py [--workdir DIR] [--config.a.b=value]`.
+
+The config is locked, so a misspelled override (`--config.train.batchsize=8`) fails instead of being ignored. The run
+resumes from the latest checkpoint in `--workdir` automatically.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file stem>).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors.")
+
+
+def default_workdir(config_path: str) -> str:
+    return os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from flowfeat_jax.train import loop
+
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+    try:
+        final = loop.train(config, workdir)
+    except (ValueError, FileNotFoundError, OSError, loop.TrainingError) as e:
+        if _VERBOSE.value:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    logging.info("finished: %s", final)
+    print(f"done: {workdir} " + " ".join(f"{k}={v:.4g}" for k, v in final.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,88 @@
+"""Orbax checkpoints of a FlowFeat run: train state, run metadata and (when present) the data iterator.
+
+Layout: `workdir/checkpoints/<step>/{state,meta[,data]}` written by one `ocp.CheckpointManager` (atomic: orbax
+renames a finished temporary directory, so a half-written step is never picked up). `meta` holds the config and the
+frozen encoder's source and SHA-256 digest instead of its weights (style.md section 5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def tree_digest(tree: Any) -> str:
+    """SHA-256 over a pytree's leaves (path, dtype, shape, bytes); stable across runs and machines for equal arrays."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
+        arr = np.asarray(jax.device_get(leaf))
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(str(arr.dtype).encode())
+        digest.update(str(arr.shape).encode())
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()
+
+
+class Checkpointer:
+    """Saves every `save_every` steps (and on demand), keeps the last `keep`, restores the latest."""
+
+    def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, save_every: int = 1000):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict, data_iterator: Any = None, *, force: bool = False) -> bool:
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_iterator is not None:
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        with jax.transfer_guard("allow"):
+            return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> tuple[Any, dict]:
+        """Restores `step` into the structure of `abstract_state` (and the data iterator in place)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        with jax.transfer_guard("allow"):
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored.state, restored.meta
+
+    def restore_meta(self, step: int) -> dict:
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored.meta
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs of a pytree, the restore target orbax needs."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def check_same_encoder(meta: dict, encoder_source: str, encoder_digest: str, path: pathlib.Path) -> None:
+    """Refuses to resume a run onto a different frozen encoder (issue 4, item 3)."""
+    saved = meta.get("encoder", {})
+    if saved.get("digest") != encoder_digest:
+        raise ValueError(
+            f"{path}: checkpoint was trained on encoder {saved.get('source')!r} (digest {str(saved.get('digest'))[:12]}), "
+            f"but this run builds {encoder_source!r} (digest {encoder_digest[:12]}); use another --workdir"
+        )
+    logging.info("encoder matches checkpoint: %s", encoder_source)

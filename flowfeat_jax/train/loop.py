@@ -1,0 +1,197 @@
+"""The training loop: build the model and state from a config, resume, run the jitted step, log, checkpoint.
+
+This is the one library entry that reads a whole experiment config (like big_vision's train.py); everything it calls
+takes explicit arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from flowfeat_jax.models import flowfeat as flowfeat_lib
+from flowfeat_jax.models import vit as vit_lib
+from flowfeat_jax.train import checkpoint as ckpt_lib
+from flowfeat_jax.train import step as step_lib
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite steps, a mismatched checkpoint); the message says why."""
+
+
+def encoder_config(model_cfg: ml_collections.ConfigDict) -> vit_lib.ViTConfig:
+    """The ViTConfig of a random-init encoder: the `encoder_arch` preset with the non-zero `encoder_size` entries."""
+    preset = getattr(vit_lib.ViTConfig, model_cfg.encoder_arch, None)
+    if preset is None:
+        raise ValueError(f"model.encoder_arch: unknown ViT preset {model_cfg.encoder_arch!r}")
+    sizes = {k: v for k, v in model_cfg.encoder_size.items() if v}
+    return dataclasses.replace(preset(), **sizes, dtype=jnp.dtype(model_cfg.dtype))
+
+
+def build_flowfeat(model_cfg: ml_collections.ConfigDict, seed: int) -> tuple[flowfeat_lib.FlowFeat, str]:
+    """FlowFeat with its frozen encoder (HF weights or a seeded random init) and a freshly initialised decoder.
+
+    Returns the module and a human-readable encoder source for checkpoint metadata.
+    """
+    dtype = jnp.dtype(model_cfg.dtype)
+    if model_cfg.encoder:
+        from flowfeat_jax.ports import vit as vit_ports
+
+        encoder = vit_ports.from_pretrained(model_cfg.encoder, dtype=dtype, pos_interp=model_cfg.pos_interp or None)
+        vit_cfg, source = encoder.cfg, model_cfg.encoder
+    else:
+        vit_cfg = encoder_config(model_cfg)
+        if model_cfg.pos_interp:
+            vit_cfg = dataclasses.replace(vit_cfg, pos_interp=model_cfg.pos_interp)
+        encoder, source = None, f"random:{model_cfg.encoder_arch}:seed{seed}"
+    cfg = flowfeat_lib.FlowFeatConfig.from_encoder(
+        vit_cfg, features=model_cfg.features, hooks=tuple(model_cfg.hooks) or None
+    )
+    model = flowfeat_lib.FlowFeat(cfg, rngs=nnx.Rngs(seed))
+    if encoder is not None:
+        nnx.update(model.encoder, nnx.state(encoder))
+    return model, source
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict, random_decoder: bool) -> optax.GradientTransformation:
+    """AdamW with a constant learning rate (recipe.md step 7); the random-decoder ablation never moves the decoder."""
+    if random_decoder:
+        return optax.set_to_zero()
+    return optax.adamw(train_cfg.lr, b1=train_cfg.b1, b2=train_cfg.b2, eps=1e-8, weight_decay=train_cfg.weight_decay)
+
+
+def step_config(config: ml_collections.ConfigDict) -> step_lib.StepConfig:
+    return step_lib.StepConfig(
+        input_size=config.train.input_size,
+        crop_scale=tuple(config.train.crop_scale),
+        norm_flow=config.loss.norm_flow,
+        flow_loss=config.loss.flow,
+        flow_weight=config.loss.flow_weight,
+        grad_weight=config.loss.grad_weight,
+        sigma=config.loss.sigma,
+        ridge_alpha=config.loss.ridge_alpha,
+        ema_enabled=config.ema.enabled,
+        ema_beta=config.ema.beta,
+        ema_update_after_step=config.ema.update_after_step,
+        ema_update_every=config.ema.update_every,
+        ema_power=config.ema.power,
+        ema_inv_gamma=config.ema.inv_gamma,
+    )
+
+
+def init_train_state(decoder_params: Any, tx: optax.GradientTransformation, seed: int) -> step_lib.TrainState:
+    """Step 0: the EMA teacher starts as a copy of the online decoder (ema_pytorch deep-copies at construction)."""
+    return step_lib.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=decoder_params,
+        ema_params=jax.tree.map(jnp.copy, decoder_params),
+        opt_state=tx.init(decoder_params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        nonfinite=jnp.zeros((), jnp.int32),
+        nonfinite_total=jnp.zeros((), jnp.int32),
+    )
+
+
+def make_batches(config: ml_collections.ConfigDict, start_step: int) -> tuple[Iterator[dict], Any]:
+    """The training batch iterator and, for record data, the grain iterator whose state goes into checkpoints."""
+    data = config.data
+    if data.source == "synthetic":
+        from flowfeat_jax.data import synthetic
+
+        it = synthetic.synthetic_batches(config.seed, config.train.batch_size, data.frame_size, data.flow_size, start_step)
+        return it, None
+    if data.source == "records":
+        from flowfeat_jax.data import pipeline
+
+        if not data.records:
+            raise ValueError("config.data.records is empty: point it at a directory written by tools/export_flow.py")
+        loader = pipeline.make_train_loader(
+            data.records,
+            batch_size=config.train.batch_size,
+            seed=config.seed,
+            num_workers=data.num_workers,
+            prefetch=data.prefetch,
+        )
+        it = iter(loader)
+        return it, it
+    raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {data.source!r}")
+
+
+def _append_jsonl(path: pathlib.Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir` up to `config.train.num_steps`; returns the last logged metrics."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    logging.info("config:\n%s", config)
+
+    model, encoder_source = build_flowfeat(config.model, config.seed)
+    graphdef, model_state = nnx.split(model)
+    pure = nnx.to_pure_dict(model_state)
+    encoder_params, decoder_params = pure["encoder"], pure["decoder"]
+    encoder_digest = ckpt_lib.tree_digest(encoder_params)
+    tx = make_optimizer(config.train, config.model.random_decoder)
+    state = init_train_state(decoder_params, tx, config.seed)
+    meta = {
+        "config": json.loads(config.to_json_best_effort()),
+        "encoder": {"source": encoder_source, "digest": encoder_digest},
+        "model": {"flowfeat": repr(model.cfg)},
+    }
+
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir / "checkpoints", keep=config.train.keep_checkpoints, save_every=config.train.checkpoint_every
+    )
+    start = checkpointer.latest_step()
+    batches, data_iterator = make_batches(config, start or 0)
+    if start is not None:
+        ckpt_lib.check_same_encoder(checkpointer.restore_meta(start), encoder_source, encoder_digest, workdir)
+        state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iterator)
+        logging.info("resumed from %s at step %d", checkpointer.directory, start)
+    start = int(state.step)
+
+    train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, step_config(config)))
+    num_steps, batch_size = config.train.num_steps, config.train.batch_size
+    metrics_path = workdir / "metrics.jsonl"
+    last: dict[str, float] = {}
+    bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc="train", unit="step")
+    tick, tick_step = time.perf_counter(), start
+    for step in bar:
+        batch = next(batches)
+        device_batch = jax.device_put({k: v for k, v in batch.items()})
+        with jax.transfer_guard("disallow"):
+            state, metrics = train_step(state, device_batch, encoder_params)
+        done = step + 1
+        if done % config.train.log_every == 0 or done == num_steps:
+            metrics, nonfinite = jax.device_get((metrics, state.nonfinite))
+            now = time.perf_counter()
+            last = {k: float(v) for k, v in metrics.items()}
+            last["img_per_s"] = batch_size * (done - tick_step) / max(now - tick, 1e-9)
+            tick, tick_step = now, done
+            _append_jsonl(metrics_path, {"step": done, **last})
+            bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.1f}")
+            if nonfinite >= config.train.max_nonfinite:
+                checkpointer.close()
+                raise TrainingError(
+                    f"{nonfinite} consecutive non-finite steps ending at step {done}; "
+                    f"last batch videos {np.asarray(batch['video']).tolist()}"
+                )
+        checkpointer.save(done, state, meta, data_iterator, force=done == num_steps)
+    checkpointer.close()
+    return last

@@ -1,0 +1,157 @@
+"""The pure FlowFeat train step: `state, metrics = train_step(state, batch, encoder_params)`.
+
+One sample (recipe.md "One training sample", steps 2-8; mirrors model.py FlowFeatTrain.forward):
+  1. the square frame is ImageNet-normalised; its flow (already in normalised units) is standardised per image;
+  2. two affine crops (theta1, theta2) drawn from `fold_in(rng, step)` sample the frame and the flow;
+  3. the frozen encoder embeds both crops in one batched call; the EMA decoder embeds crop 1, the online decoder crop 2;
+  4. a ridge regression fits crop 1's flow from the EMA features, the map is applied to the online features;
+  5. loss = grad_weight * L_grad + flow_weight * L_flow; AdamW on the decoder; EMA update (ema_pytorch schedule).
+A step whose loss or gradient norm is not finite leaves params, EMA and optimiser state untouched (inside jit, no
+host round trip) and is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.nnx as nnx
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from flowfeat_jax.train import crops, ema, losses, ridge
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that decides the future of a run (the frozen encoder is passed separately and never donated)."""
+
+    step: jax.Array  # int32 scalar: optimiser steps taken so far
+    params: PyTree  # online decoder parameters (pure dict)
+    ema_params: PyTree  # EMA teacher decoder parameters (pure dict)
+    opt_state: PyTree
+    rng: jax.Array  # uint32 key data; per-step randomness is fold_in(rng, step)
+    nonfinite: jax.Array  # int32: consecutive non-finite steps (reset by a finite one)
+    nonfinite_total: jax.Array  # int32: all non-finite steps of the run
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the train step (recipe.md steps 2-8 and the paper's ablation switches)."""
+
+    input_size: int = 224  # side of each crop fed to the encoder
+    crop_scale: tuple[float, float] = (0.5, 0.75)
+    norm_flow: bool = True
+    flow_loss: str = "l1"  # 'l1' (released) | 'l2' (ablation)
+    flow_weight: float = 0.1  # lambda of L_flow
+    grad_weight: float = 1.0  # weight of the focal gradient loss
+    sigma: float = 0.1  # focal gradient loss sigma
+    ridge_alpha: float = 0.1
+    ema_enabled: bool = True  # False: the teacher is the (stop-gradient) online decoder
+    ema_beta: float = 0.999
+    ema_update_after_step: int = 1
+    ema_update_every: int = 5
+    ema_power: float = 2.0 / 3.0
+    ema_inv_gamma: float = 1.0
+
+
+def normalize_images(frames_uint8: jax.Array) -> jax.Array:
+    """uint8 RGB (B, H, W, 3) -> float32 ImageNet-normalised (recipe.md "Image normalisation")."""
+    x = frames_uint8.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+def flow_objective(cfg: StepConfig, pred: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
+    """Recipe.md step 6: total = grad_weight * L_grad + flow_weight * L_flow (model.py FlowFeatTrain.forward)."""
+    flow_term = losses.flow_l1_loss(pred, target) if cfg.flow_loss == "l1" else losses.flow_l2_loss(pred, target)
+    grad_term = losses.focal_gradient_loss(pred, target, cfg.sigma)
+    total = cfg.grad_weight * grad_term + cfg.flow_weight * flow_term
+    return {"loss": total, "flow_loss": flow_term, "grad_loss": grad_term}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig
+) -> Callable[[TrainState, dict, PyTree], tuple[TrainState, dict]]:
+    """Builds the pure step for a FlowFeat graph (`graphdef` of a FlowFeat module split into encoder/decoder dicts).
+
+    The returned function is not jitted; `jit_train_step` does that with the state donated.
+    """
+    if cfg.flow_loss not in ("l1", "l2"):
+        raise ValueError(f"loss.flow must be 'l1' or 'l2', got {cfg.flow_loss!r}")
+    if cfg.input_size % 2:
+        raise ValueError(f"train.input_size must be even, got {cfg.input_size}")
+
+    def model_with(encoder_params, decoder_params):
+        return nnx.merge(graphdef, {"encoder": encoder_params, "decoder": decoder_params})
+
+    def train_step(state: TrainState, batch: dict, encoder_params: PyTree) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        key_crop1, key_crop2 = jax.random.split(rng)
+        frames = normalize_images(batch["frame"])
+        flow = batch["flow"].astype(jnp.float32)
+        if cfg.norm_flow:
+            flow = losses.standardize_flow(flow)
+        batch_size, frame_side = frames.shape[0], frames.shape[1]
+        out_hw = (cfg.input_size, cfg.input_size)
+        theta1 = crops.sample_crop_params(key_crop1, batch_size, cfg.crop_scale, image_size=frame_side)
+        theta2 = crops.sample_crop_params(key_crop2, batch_size, cfg.crop_scale, image_size=frame_side)
+        crop1, crop2 = crops.affine_crop(frames, theta1, out_hw), crops.affine_crop(frames, theta2, out_hw)
+        flow1, flow2 = crops.affine_crop(flow, theta1, out_hw), crops.affine_crop(flow, theta2, out_hw)
+
+        # The frozen encoder sees both crops in one call; its outputs carry no gradient.
+        encoded = model_with(encoder_params, state.params).encode(jnp.concatenate([crop1, crop2]))
+        hooked1 = [h[:batch_size] for h in encoded.hooked]
+        hooked2 = [h[batch_size:] for h in encoded.hooked]
+        teacher_params = state.ema_params if cfg.ema_enabled else state.params
+        teacher = jax.lax.stop_gradient(model_with(encoder_params, teacher_params).decoder(hooked1, out_hw))
+        # The ridge map depends only on the teacher, so it is solved once outside the differentiated function.
+        coef = ridge.ridge_solve(teacher, flow1, cfg.ridge_alpha)
+
+        def loss_fn(params):
+            student = model_with(encoder_params, params).decoder(hooked2, out_hw)
+            pred = ridge.ridge_predict(student, coef)
+            terms = flow_objective(cfg, pred, flow2)
+            return terms["loss"], terms
+
+        (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params, decay = ema.ema_update(
+            state.ema_params,
+            params,
+            state.step + 1,
+            beta=cfg.ema_beta,
+            update_after_step=cfg.ema_update_after_step,
+            update_every=cfg.ema_update_every,
+            power=cfg.ema_power,
+            inv_gamma=cfg.ema_inv_gamma,
+        )
+
+        finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            ema_params=keep(ema_params, state.ema_params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
+            nonfinite_total=(state.nonfinite_total + (~finite).astype(jnp.int32)),
+        )
+        metrics = dict(terms, grad_norm=grad_norm, ema_decay=decay, finite=finite)
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(train_step: Callable) -> Callable:
+    """Jits the step with the train state donated (the encoder params, argument 2, are not)."""
+    return jax.jit(train_step, donate_argnums=(0,))

@@ -1,0 +1,68 @@
+"""Export teacher flows of video frame pairs to ArrayRecord shards for training.
+
+  python tools/export_flow.py --videos /data/ytvos:train --out /data/flow_ytvos --method searaft \
+      --checkpoint Tartan-C-T-TSKH-spring540x960-M.pth --device cuda --batch-size 32
+  python tools/export_flow.py --videos /data/davis2016:train --out /tmp/flow_dis --method dis   # CPU, no weights
+
+Parallel workers: run the same command with --num-shards N --shard-index I for I = 0..N-1 (same --out); each writes
+its own shards and manifest-I-of-N.json, and the pipeline reads the directory once all parts exist. Rerunning an
+interrupted command resumes: finished shards are kept. Layout: flowfeat_jax/data/records.py.
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from flowfeat_jax.data import export  # noqa: E402
+from flowfeat_jax.flow import methods  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", required=True, help="video, folder of videos, DAVIS/YouTube-VOS root[:split], list")
+    parser.add_argument("--split", default=None, help="DAVIS ImageSets / YouTube-VOS split (or PATH:split)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--method", default="searaft", choices=methods.METHODS)
+    parser.add_argument("--checkpoint", default=None, help="flow network weights (searaft, raft)")
+    parser.add_argument("--iters", type=int, default=None, help="refinement iterations (default: SEA-RAFT 4, RAFT 20)")
+    parser.add_argument("--gap", type=int, default=2, help="partners t +- 1..gap")
+    parser.add_argument("--frame-size", type=int, default=448)
+    parser.add_argument("--flow-size", type=int, default=224)
+    parser.add_argument("--jpeg-quality", type=int, default=95)
+    parser.add_argument("--min-frames", type=int, default=10, help="skip (and count) shorter videos")
+    parser.add_argument("--device", default="cpu", help="torch device of a flow network: cpu | cuda")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per flow-network call")
+    parser.add_argument("--videos-per-shard", type=int, default=32)
+    parser.add_argument("--num-shards", type=int, default=1, help="number of exporter workers")
+    parser.add_argument("--shard-index", type=int, default=0, help="this worker")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export made with other parameters")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = export.ExportConfig(
+        method=args.method,
+        checkpoint=args.checkpoint,
+        iters=args.iters,
+        gap=args.gap,
+        frame_size=args.frame_size,
+        flow_size=args.flow_size,
+        jpeg_quality=args.jpeg_quality,
+        min_frames=args.min_frames,
+        device=args.device,
+        batch_size=args.batch_size,
+        videos_per_shard=args.videos_per_shard,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+    )
+    manifest = export.export_flows(args.videos, args.out, cfg, split=args.split, overwrite=args.overwrite)
+    print(
+        f"exported {manifest['num_videos']} videos, {manifest['num_frames']} frames, {manifest['num_pairs']} pairs "
+        f"({manifest['num_nonfinite_pairs']} non-finite) to {args.out}; skipped {manifest['num_skipped']} short videos"
+    )
+
+
+if __name__ == "__main__":
+    main()

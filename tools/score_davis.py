@@ -1,0 +1,41 @@
+"""Score DAVIS result PNGs with J&F (semi-supervised rules of davis2017-evaluation).
+
+    python tools/score_davis.py --davis ROOT --results DIR --out SCORES.json [--sequences a,b] [--csv FILE]
+
+Reads ROOT/Annotations/480p/<seq>/*.png (DAVIS-2017 palette indices or DAVIS-2016 0/255 masks) and
+DIR/<seq>/<frame>.png (palette or greyscale object indices), prints a per-object table and writes the JSON
+{"objects": {"<seq>_<k>": {...}}, "global": {"JF_mean", "J_mean", "F_mean", ...}}.
+"""
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags
+
+from flowfeat_jax.eval import jf
+
+_DAVIS = flags.DEFINE_string("davis", None, "DAVIS root (with Annotations/480p and ImageSets).", required=True)
+_RESULTS = flags.DEFINE_string("results", None, "Folder of result PNGs, <seq>/<frame>.png.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output JSON file.", required=True)
+_SEQUENCES = flags.DEFINE_list("sequences", None, "Sequences to score (default: the ImageSets split).")
+_SPLIT = flags.DEFINE_string("split", "val", "ImageSets split used when --sequences is not given.")
+_CSV = flags.DEFINE_string("csv", None, "Optional CSV file with the same table.")
+
+
+def main(argv):
+    del argv
+    try:
+        scores = jf.score_results(_DAVIS.value, _RESULTS.value, _SEQUENCES.value, split=_SPLIT.value)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"score_davis: {error}")  # one line naming the file, no traceback
+    print(jf.format_table(scores))
+    out = pathlib.Path(_OUT.value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(scores, indent=2))
+    if _CSV.value:
+        jf.write_csv(scores, _CSV.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
