@@ -75,4 +75,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema.update_every = 5
     c.ema.power = 2.0 / 3.0
     c.ema.inv_gamma = 1.0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.davis = ""  # DAVIS root for validation ('' = none); the folder layout of flowfeat_jax/eval/davis.py
+    c.eval.split = "val"  # ImageSets/<split>.txt (or ImageSets/2017/<split>.txt)
+    c.eval.sequences = ""  # comma-separated subset of the split ('' = all)
+    c.eval.protocols = "knn"  # comma-separated: knn, linear
+    c.eval.every = 0  # validate every N steps (0 = only after the last step)
+    c.eval.short_side = 480  # evaluation input short side (rounded down to an even token grid)
+    c.eval.max_frames = 0  # truncate sequences for quick checks (0 = all frames)
     return c

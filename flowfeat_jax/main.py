@@ -26,6 +26,8 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from flowfeat_jax.train import loop
 
+    if not _VERBOSE.value:
+        logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
     try:
@@ -35,7 +37,6 @@ def main(argv: list[str]) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-    logging.info("finished: %s", final)
     print(f"done: {workdir} " + " ".join(f"{k}={v:.4g}" for k, v in final.items()))
     return 0
 

@@ -95,13 +95,15 @@ def _interpolation_matrix(in_size: int, out_size: int, align_corners: bool) -> n
     align_corners=False: src = max((dst + ½) · in/out − ½, 0)   (size given, no scale_factor).
     Each output takes (1 − λ)·x[i0] + λ·x[i1] with i0 = ⌊src⌋, i1 = min(i0 + 1, in − 1), λ = src − i0.
     """
-    # float32 index arithmetic, as torch's CPU kernel for f32 inputs, so the weights agree to the last bit.
+    # f32 scale and index arithmetic as torch's CPU kernel for f32 inputs; (dst + ½)·scale − ½ is one fused
+    # multiply-add there, emulated by an exact f64 product rounded once to f32. Weights then match torch exactly.
     f32 = np.float32
-    dst = np.arange(out_size, dtype=f32)
+    dst = np.arange(out_size)
     if align_corners:
-        src = dst * (f32(in_size - 1) / f32(out_size - 1) if out_size > 1 else f32(0))
+        src = dst.astype(f32) * (f32(in_size - 1) / f32(out_size - 1) if out_size > 1 else f32(0))
     else:
-        src = np.maximum((dst + f32(0.5)) * (f32(in_size) / f32(out_size)) - f32(0.5), f32(0))
+        scale = np.float64(f32(in_size) / f32(out_size))
+        src = np.maximum((scale * (dst + 0.5) - 0.5).astype(f32), f32(0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
     lam = src - i0.astype(f32)

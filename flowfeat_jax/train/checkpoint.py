@@ -30,24 +30,24 @@ def tree_digest(tree: Any) -> str:
 
 
 class Checkpointer:
-    """Saves every `save_every` steps (and on demand), keeps the last `keep`, restores the latest."""
+    """Saves the steps it is asked to, keeps the last `keep`, restores any of them (the caller picks when to save)."""
 
-    def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, save_every: int = 1000):
+    def __init__(self, directory: str | pathlib.Path, *, keep: int = 3):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict, data_iterator: Any = None, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, meta: dict, data_iterator: Any = None) -> bool:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             import grain
 
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         with jax.transfer_guard("allow"):
-            return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+            return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> tuple[Any, dict]:
         """Restores `step` into the structure of `abstract_state` (and the data iterator in place)."""

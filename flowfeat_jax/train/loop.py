@@ -105,8 +105,38 @@ def init_train_state(decoder_params: Any, tx: optax.GradientTransformation, seed
     )
 
 
-def make_batches(config: ml_collections.ConfigDict, start_step: int) -> tuple[Iterator[dict], Any]:
-    """The training batch iterator and, for record data, the grain iterator whose state goes into checkpoints."""
+def ensure_records(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+    """The flow-record directory of a run; exports `data.videos` into it first when it holds no manifest yet.
+
+    `data.records` defaults to `workdir/flow`. An existing export made with other parameters is refused by the
+    exporter, never mixed.
+    """
+    from flowfeat_jax.data import export, records
+
+    records_dir = pathlib.Path(data_cfg.records) if data_cfg.records else workdir / "flow"
+    try:
+        records.load_manifests(records_dir)
+        return records_dir
+    except FileNotFoundError:
+        if not data_cfg.videos:
+            raise FileNotFoundError(
+                f"{records_dir}: no flow export (manifest.json); run tools/export_flow.py or set config.data.videos"
+            ) from None
+    export_cfg = export.ExportConfig(
+        method=data_cfg.method,
+        checkpoint=data_cfg.checkpoint or None,
+        gap=data_cfg.gap,
+        frame_size=data_cfg.frame_size,
+        flow_size=data_cfg.flow_size,
+        jpeg_quality=data_cfg.jpeg_quality,
+    )
+    logging.info("exporting %s flow of %s into %s", data_cfg.method, data_cfg.videos, records_dir)
+    export.export_flows(data_cfg.videos, records_dir, export_cfg)
+    return records_dir
+
+
+def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start_step: int) -> tuple[Iterator, Any]:
+    """The training batch iterator and, for record data, the same grain iterator (its state goes into checkpoints)."""
     data = config.data
     if data.source == "synthetic":
         from flowfeat_jax.data import synthetic
@@ -116,18 +146,36 @@ def make_batches(config: ml_collections.ConfigDict, start_step: int) -> tuple[It
     if data.source == "records":
         from flowfeat_jax.data import pipeline
 
-        if not data.records:
-            raise ValueError("config.data.records is empty: point it at a directory written by tools/export_flow.py")
-        loader = pipeline.make_train_loader(
-            data.records,
+        dataset = pipeline.make_pair_dataset(
+            ensure_records(data, workdir),
             batch_size=config.train.batch_size,
             seed=config.seed,
-            num_workers=data.num_workers,
-            prefetch=data.prefetch,
+            worker_count=data.num_workers,
+            read_threads=data.prefetch,
         )
-        it = iter(loader)
+        it = iter(dataset)
         return it, it
     raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {data.source!r}")
+
+
+def validate(
+    eval_cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, encoder_params: Any, ema_params: Any, out_dir: pathlib.Path
+) -> dict[str, float]:
+    """Periodic DAVIS validation of the EMA teacher (the evaluated model): {"eval/<protocol>/<score>": value}."""
+    from flowfeat_jax.eval import features
+
+    teacher = nnx.merge(graphdef, {"encoder": encoder_params, "decoder": ema_params})
+    results = features.evaluate_davis(
+        teacher,
+        eval_cfg.davis,
+        out_dir,
+        split=eval_cfg.split,
+        sequences=[s for s in eval_cfg.sequences.split(",") if s],
+        protocols=[p for p in eval_cfg.protocols.split(",") if p],
+        short_side=eval_cfg.short_side,
+        max_frames=eval_cfg.max_frames or None,
+    )
+    return {f"eval/{p}/{k}": v for p, scores in results["flowfeat"].items() for k, v in scores.items()}
 
 
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:
@@ -155,11 +203,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         "model": {"flowfeat": repr(model.cfg)},
     }
 
-    checkpointer = ckpt_lib.Checkpointer(
-        workdir / "checkpoints", keep=config.train.keep_checkpoints, save_every=config.train.checkpoint_every
-    )
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     start = checkpointer.latest_step()
-    batches, data_iterator = make_batches(config, start or 0)
+    batches, data_iterator = make_batches(config, workdir, start or 0)
     if start is not None:
         ckpt_lib.check_same_encoder(checkpointer.restore_meta(start), encoder_source, encoder_digest, workdir)
         state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iterator)
@@ -192,6 +238,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                     f"{nonfinite} consecutive non-finite steps ending at step {done}; "
                     f"last batch videos {np.asarray(batch['video']).tolist()}"
                 )
-        checkpointer.save(done, state, meta, data_iterator, force=done == num_steps)
+        if done % config.train.checkpoint_every == 0 or done == num_steps:
+            checkpointer.save(done, state, meta, data_iterator)
+        every = config.eval.every
+        if config.eval.davis and (done == num_steps or (every and done % every == 0)):
+            scores = validate(config.eval, graphdef, encoder_params, state.ema_params, workdir / "eval" / f"step_{done}")
+            _append_jsonl(metrics_path, {"step": done, **scores})
+            last.update(scores)
     checkpointer.close()
     return last

@@ -1,0 +1,119 @@
+"""DAVIS evaluation of a FlowFeat model: feature functions, the run over sequences and feature kinds, pictures."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable, Sequence
+
+import flax.nnx as nnx
+import jax
+import numpy as np
+
+from flowfeat_jax import viz
+from flowfeat_jax.models.flowfeat import FlowFeat
+from flowfeat_jax.train.step import normalize_images
+
+FEATURE_KINDS = ("encoder", "flowfeat")
+
+
+def davis_input_geometry(patch_size: int, short_side: int = 480) -> tuple[int, int]:
+    """(multiple, short side) of the evaluation input for a patch size: both sides give an even token grid.
+
+    Patch 16 keeps the paper's 480 x (multiple of 64); patch 14 uses 476 x (multiple of 56).
+    """
+    grid_multiple = 2 * patch_size
+    multiple = 64 if 64 % grid_multiple == 0 else 2 * grid_multiple
+    return multiple, short_side // grid_multiple * grid_multiple
+
+
+def make_feature_fn(model: FlowFeat, kind: str = "flowfeat") -> Callable[[np.ndarray], dict]:
+    """`feature_fn(frames uint8 (B, H, W, 3)) -> {"encoder": (B, h, w, C), "flowfeat": (B, H, W, d) or None}`.
+
+    kind "encoder" skips the decoder (encoder-feature baselines); "flowfeat" returns both.
+    """
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def encoder_only(state, frames):
+        return nnx.merge(graphdef, state).encode(normalize_images(frames)).final
+
+    @jax.jit
+    def both(state, frames):
+        return nnx.merge(graphdef, state)(normalize_images(frames))
+
+    def feature_fn(frames: np.ndarray) -> dict:
+        if kind == "encoder":
+            return {"encoder": np.asarray(encoder_only(state, frames)), "flowfeat": None}
+        encoder, flowfeat = both(state, frames)
+        return {"encoder": np.asarray(encoder), "flowfeat": np.asarray(flowfeat)}
+
+    return feature_fn
+
+
+def feature_picture(model: FlowFeat, frame: np.ndarray, path: str | pathlib.Path, input_hw: tuple[int, int]) -> None:
+    """One PNG: the frame | PCA of encoder features | PCA of FlowFeat features, all at the input size."""
+    from PIL import Image
+
+    resized = np.asarray(Image.fromarray(frame).resize(input_hw[::-1], Image.BILINEAR))
+    features = make_feature_fn(model, "flowfeat")(resized[None])
+    encoder_rgb = viz.pca_image(features["encoder"][0])
+    scale = input_hw[0] // encoder_rgb.shape[0]
+    encoder_rgb = encoder_rgb.repeat(scale, axis=0).repeat(scale, axis=1)
+    flowfeat_rgb = viz.pca_image(features["flowfeat"][0])
+    viz.save_png(path, np.concatenate([resized, encoder_rgb, flowfeat_rgb], axis=1))
+
+
+def evaluate_davis(
+    model: FlowFeat,
+    davis_root: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+    *,
+    split: str = "val",
+    sequences: Sequence[str] | None = None,
+    protocols: Sequence[str] = ("knn",),
+    feature_kinds: Sequence[str] = ("flowfeat",),
+    short_side: int = 480,
+    max_frames: int | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Scores every feature kind under every protocol; returns {kind: {protocol: global J&F scores}}.
+
+    Writes `out_dir/<kind>/<protocol>/` (result PNGs, overlays, SCORES.json, scores.csv via `vos`) and one PCA
+    picture per sequence, `out_dir/pca/<sequence>.png` (frame | encoder | FlowFeat).
+    """
+    from flowfeat_jax.eval import davis, vos
+
+    out_dir = pathlib.Path(out_dir)
+    multiple, short_side = davis_input_geometry(model.cfg.encoder.patch_size, short_side)
+    sequences = list(sequences) if sequences else davis.list_sequences(davis_root, split)
+    results = {}
+    for kind in feature_kinds:
+        scores = vos.evaluate_sequences(
+            make_feature_fn(model, kind),
+            davis_root,
+            sequences,
+            protocols,
+            out_dir / kind,
+            split=split,
+            max_frames=max_frames,
+            input_multiple=multiple,
+            short_side=short_side,
+        )
+        results[kind] = {protocol: score["global"] for protocol, score in scores.items()}
+    for sequence in sequences:
+        frame = davis.read_frames(davis_root, sequence, max_frames=1)[0]
+        input_hw = davis.davis_input_size(*frame.shape[:2], multiple=multiple, short_side=short_side)
+        feature_picture(model, frame, out_dir / "pca" / f"{sequence}.png", input_hw)
+    return results
+
+
+def results_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A Markdown table: one row per (features, protocol) with J&F, J and F means."""
+    lines = ["| features | protocol | J&F | J | F |", "| --- | --- | --- | --- | --- |"]
+    for kind, by_protocol in results.items():
+        for protocol, scores in by_protocol.items():
+            lines.append(
+                f"| {kind} | {protocol} | {scores['JF_mean']:.4f} | {scores['J_mean']:.4f} | {scores['F_mean']:.4f} |"
+            )
+    return "\n".join(lines)

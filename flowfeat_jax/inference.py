@@ -1,0 +1,51 @@
+"""Load a trained FlowFeat from a run directory (or one checkpoint step) for evaluation, extraction and export."""
+
+from __future__ import annotations
+
+import pathlib
+
+import flax.nnx as nnx
+import ml_collections
+
+from flowfeat_jax.models.flowfeat import FlowFeat
+from flowfeat_jax.train import checkpoint as ckpt_lib
+from flowfeat_jax.train import loop
+
+
+def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+    """`path` is a work dir (its latest checkpoint), its `checkpoints/` folder, or one `checkpoints/<step>` folder."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or work dir")
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path.parent, int(path.name)
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+    if not steps:
+        raise FileNotFoundError(f"{path}: holds no finished checkpoint (expected checkpoints/<step>/state)")
+    return directory, steps[-1]
+
+
+def load_flowfeat(
+    path: str | pathlib.Path, *, decoder: str = "ema"
+) -> tuple[FlowFeat, ml_collections.ConfigDict, int]:
+    """The FlowFeat of a checkpoint with the EMA (default, the evaluated model) or the online decoder.
+
+    Returns (model, config the run used, step).
+    """
+    if decoder not in ("ema", "online"):
+        raise ValueError(f"decoder must be 'ema' or 'online', got {decoder!r}")
+    directory, step = resolve_checkpoint(path)
+    checkpointer = ckpt_lib.Checkpointer(directory)
+    meta = checkpointer.restore_meta(step)
+    config = ml_collections.ConfigDict(meta["config"])
+    model, source = loop.build_flowfeat(config.model, config.seed)
+    encoder_params = nnx.to_pure_dict(nnx.state(model.encoder))
+    ckpt_lib.check_same_encoder(meta, source, ckpt_lib.tree_digest(encoder_params), directory / str(step))
+    decoder_params = nnx.to_pure_dict(nnx.state(model.decoder))
+    tx = loop.make_optimizer(config.train, config.model.random_decoder)
+    template = loop.init_train_state(decoder_params, tx, config.seed)
+    state, _ = checkpointer.restore(step, ckpt_lib.abstract_like(template))
+    checkpointer.close()
+    nnx.update(model.decoder, state.ema_params if decoder == "ema" else state.params)
+    return model, config, step
