@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import pathlib
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -78,16 +77,11 @@ def run() -> pathlib.Path:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from flowfeat_jax import cli
+
     if not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)
-    try:
-        run()
-    except (ValueError, FileNotFoundError, OSError) as e:
-        if _VERBOSE.value:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run_guarded(run, prog="flowfeat_jax.evaluate", verbose=_VERBOSE.value)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ resumes from the latest checkpoint in `--workdir` automatically.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -24,21 +23,19 @@ def default_workdir(config_path: str) -> str:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from flowfeat_jax import cli
     from flowfeat_jax.train import loop
 
     if not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
-    try:
+
+    def train():
         final = loop.train(config, workdir)
-    except (ValueError, FileNotFoundError, OSError, loop.TrainingError) as e:
-        if _VERBOSE.value:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"done: {workdir} " + " ".join(f"{k}={v:.4g}" for k, v in final.items()))
-    return 0
+        print(f"done: {workdir} " + " ".join(f"{k}={v:.4g}" for k, v in final.items()))
+
+    return cli.run_guarded(train, prog="flowfeat_jax.main", verbose=_VERBOSE.value)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""tools/extract_features.py end to end on a DAVIS frame with a tiny random HF model, against transformers."""
+"""tools/extract_features.py end to end: a tiny random HF encoder against transformers (on a DAVIS frame), and a
+tiny imported FlowFeat run directory (--checkpoint) against the torch FlowFeat."""
 
 import importlib.util
 import pathlib
@@ -11,6 +12,9 @@ import torch
 import transformers
 from PIL import Image
 
+from flowfeat_jax.ports.flowfeat import import_flowfeat
+from flowfeat_jax.torch_ref.flowfeat import TorchFlowFeat, TorchFlowFeatConfig
+from flowfeat_jax.torch_ref.vit import HubViTConfig
 from flowfeat_jax.viz import pca_image
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -93,3 +97,57 @@ def test_pca_image_separates_regions():
     left, right = picture[:, :4].astype(int).mean((0, 1)), picture[:, 4:].astype(int).mean((0, 1))
     assert np.abs(left - right).max() > 200
     np.testing.assert_array_equal(picture, pca_image(features))
+
+
+@pytest.fixture(scope="module")
+def tiny_flowfeat_run(tmp_path_factory):
+    """A released-layout torch FlowFeat (DINOv2 with 2 registers, width 64, d = 16) imported as a run directory."""
+    encoder = HubViTConfig(patch_size=14, hidden_size=64, num_layers=4, num_heads=1, mlp_dim=128, num_registers=2,
+                           layer_scale=True, mask_token=True, pos_grid=37, pos_antialias=True)
+    torch.manual_seed(0)
+    model = TorchFlowFeat(TorchFlowFeatConfig(encoder, (64,) * 4, 16, (0, 1, 2, 3))).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    directory = tmp_path_factory.mktemp("flowfeat")
+    torch.save(model.state_dict(), directory / "released.pth")
+    return model, import_flowfeat(directory / "released.pth", directory / "run")
+
+
+def test_checkpoint_writes_encoder_and_flowfeat_features(tiny_flowfeat_run, tmp_path):
+    model, run = tiny_flowfeat_run
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (100, 150, 3), np.uint8)).save(tmp_path / "frame.png")
+    argv = ["--checkpoint", str(run), "--image", str(tmp_path / "frame.png"), "--out", str(tmp_path / "feats.npz"),
+            "--pca", str(tmp_path / "pca.png")]
+    assert _tool_main()(argv) == 0
+    saved = np.load(tmp_path / "feats.npz")
+    height, width = 112, 140  # 100 x 150 rounded to multiples of 2 * 14 (the decoder needs an even token grid)
+    with Image.open(tmp_path / "frame.png") as image:
+        pixels = np.asarray(image.resize((width, height), Image.BILINEAR), np.float32) / 255
+    pixels = torch.from_numpy((pixels - MEAN) / STD).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        encoder, flowfeat = (t[0].permute(1, 2, 0).numpy() for t in model(pixels))
+    assert saved["encoder"].dtype == saved["flowfeat"].dtype == np.float32
+    assert saved["encoder"].shape == (height // 14, width // 14, 64) and saved["flowfeat"].shape == (height, width, 16)
+    np.testing.assert_allclose(saved["encoder"], encoder, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(saved["flowfeat"], flowfeat, atol=1e-4, rtol=0)
+    for name, size in (("pca.png", (width, height)), ("pca_flowfeat.png", (width, height))):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.size == size and picture.mode == "RGB"
+
+
+def test_checkpoint_bad_input_is_one_clear_line(tiny_flowfeat_run, tmp_path, capsys):
+    _, run = tiny_flowfeat_run
+    main = _tool_main()
+    Image.new("RGB", (30, 20)).save(tmp_path / "small.png")
+    argv = ["--checkpoint", str(run), "--image", str(tmp_path / "small.png"), "--size", "42", "56", "--out",
+            str(tmp_path / "feats.npz")]
+    assert main(argv) != 0  # 42 is a multiple of the patch (14) but not of 2 * 14
+    stderr = capsys.readouterr().err
+    assert "42x56" in stderr and len(stderr.strip().splitlines()) == 1
+    missing = tmp_path / "no_run"
+    assert main(["--checkpoint", str(missing), "--image", str(tmp_path / "small.png"), "--out", "x.npz"]) != 0
+    stderr = capsys.readouterr().err
+    assert str(missing) in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "feats.npz").exists()

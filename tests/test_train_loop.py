@@ -48,11 +48,8 @@ def latest_state_digest(workdir):
     """Digest of params + EMA of the latest checkpoint, restored without a template."""
     manager = ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints")
     step = manager.latest_step()
-    import orbax.checkpoint as ocp
-
-    restored = manager._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    state, _ = manager.restore_raw(step)
     manager.close()
-    state = restored.state
     return step, ckpt_lib.tree_digest({"params": state["params"], "ema_params": state["ema_params"]})
 
 

@@ -14,6 +14,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from flowfeat_jax import cli  # noqa: E402
 from flowfeat_jax.data import export  # noqa: E402
 from flowfeat_jax.flow import methods  # noqa: E402
 
@@ -37,11 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-shards", type=int, default=1, help="number of exporter workers")
     parser.add_argument("--shard-index", type=int, default=0, help="this worker")
     parser.add_argument("--overwrite", action="store_true", help="replace an export made with other parameters")
+    parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def run_export(args: argparse.Namespace) -> None:
     cfg = export.ExportConfig(
         method=args.method,
         checkpoint=args.checkpoint,
@@ -64,5 +65,10 @@ def main(argv=None) -> None:
     )
 
 
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return cli.run_guarded(lambda: run_export(args), prog="export_flow", verbose=args.verbose)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -12,7 +12,8 @@ import jax
 from flax import nnx
 
 from flowfeat_jax.models.dpt import DPT, DPTConfig, check_token_grid
-from flowfeat_jax.models.vit import ViT, ViTConfig, patch_tokens
+from flowfeat_jax.models import registry
+from flowfeat_jax.models.vit import ViTConfig, patch_tokens
 
 
 def default_hooks(num_layers: int) -> tuple[int, int, int, int]:
@@ -25,7 +26,8 @@ def default_hooks(num_layers: int) -> tuple[int, int, int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class FlowFeatConfig:
-    """Encoder and decoder configs plus the four encoder blocks the decoder reads, in increasing order."""
+    """Encoder and decoder configs plus the four encoder blocks the decoder reads, in increasing order. The encoder
+    config is a ViTConfig or any config of `models.registry` (e.g. DINOv3Config)."""
 
     encoder: ViTConfig
     decoder: DPTConfig
@@ -63,7 +65,7 @@ class FlowFeat(nnx.Module):
 
     def __init__(self, cfg: FlowFeatConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.encoder = ViT(cfg.encoder, rngs=rngs)
+        self.encoder = registry.build_encoder(cfg.encoder, rngs=rngs)  # ViT, DINOv3, ... by config type
         self.decoder = DPT(cfg.decoder, rngs=rngs)
 
     def encode(self, images: jax.Array) -> EncoderFeatures:

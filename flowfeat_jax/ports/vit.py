@@ -1,5 +1,8 @@
 """Hugging Face ViT checkpoints (Dinov2, Dinov2WithRegisters, ViT/DINO, ViTMAE) -> `flowfeat_jax.models.vit.ViT`.
 
+`from_pretrained` loads any registered family (`flowfeat_jax.models.registry`, e.g. DINOv3 via `ports.dinov3`);
+`load_table` is the strict table loader all families share.
+
 Every tensor goes through one table, `hf_key_table(cfg)`: rows of (NNX path, layout, on-disk torch names,
 transformers-5 in-memory torch names). A row with several torch names concatenates them along the torch output axis
 (q|k|v into `attn.qkv`, gate|up into `mlp.w12`), so the table also reads in reverse (split along the same axis).
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowfeat_jax.models import registry
 from flowfeat_jax.models.vit import ViT, ViTConfig
 
 # Checkpoint keys that belong to heads or pre-training parts the encoder does not have (explicitly not loaded).
@@ -155,16 +159,22 @@ def _strip_wrapper_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def load_hf_state_dict(model: ViT, state: Mapping[str, np.ndarray]) -> None:
-    """Fill every parameter of `model` from an HF state dict (numpy arrays), through `hf_key_table`.
+    """Fill every parameter of `model` from an HF state dict (numpy arrays), through `hf_key_table` (strict, see
+    `load_table`); a task-model prefix (`dinov2.`, `vit.`, ...) is removed first."""
+    load_table(model, _strip_wrapper_prefix(state), hf_key_table(model.cfg), ignored=_IGNORED_KEYS, what="ViT")
 
-    Each row is filled from its on-disk names if all are present, else from its in-memory names. Raises one
-    ValueError listing all missing keys, unmapped checkpoint keys and shape mismatches; the model is only updated
+
+def load_table(model: nnx.Module, state: Mapping[str, np.ndarray], table: list[KeyRow], *, ignored: re.Pattern,
+               what: str) -> None:
+    """Fill every parameter of `model` from `state` through `table` (any encoder family's KeyRow table).
+
+    Each row is filled from its on-disk names if all are present, else from its in-memory names. Checkpoint keys
+    matching `ignored` may stay unused. Raises one ValueError ("cannot load <what> checkpoint: ...") listing all
+    missing keys, unmapped checkpoint keys, shape mismatches and parameters without a row; the model is only updated
     when there are none.
     """
-    state = _strip_wrapper_prefix(state)
     params = nnx.state(model, nnx.Param)
     flat = {".".join(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(params)}
-    table = hf_key_table(model.cfg)
     used, missing, mismatched, values = set(), [], [], {}
     for row in table:
         if row.nnx_path not in flat:
@@ -184,7 +194,7 @@ def load_hf_state_dict(model: ViT, state: Mapping[str, np.ndarray]) -> None:
                               f"{array.shape}, model expects {target.shape}")
             continue
         values[row.nnx_path] = array
-    unmapped = sorted(k for k in state if k not in used and not _IGNORED_KEYS.match(k))
+    unmapped = sorted(k for k in state if k not in used and not ignored.match(k))
     unfilled = sorted(set(flat) - {row.nnx_path for row in table})
     problems = []
     if missing:
@@ -196,7 +206,7 @@ def load_hf_state_dict(model: ViT, state: Mapping[str, np.ndarray]) -> None:
     if unfilled:
         problems.append(f"model parameters with no table row: {', '.join(unfilled)}")
     if problems:
-        raise ValueError("cannot load ViT checkpoint: " + " | ".join(problems))
+        raise ValueError(f"cannot load {what} checkpoint: " + " | ".join(problems))
     for path, array in values.items():
         flat[path].set_value(jnp.asarray(array, dtype=flat[path].dtype))
     nnx.update(model, params)
@@ -242,25 +252,34 @@ def _hub_snapshot(name: str) -> pathlib.Path:
     return pathlib.Path(config).parent
 
 
-def from_pretrained(name_or_dir: str, *, dtype=jnp.float32, pos_interp: str | None = None) -> ViT:
-    """A ViT with the weights of an HF checkpoint: a local directory (config.json + weights) or a hub name.
+def from_pretrained(name_or_dir: str, *, dtype=jnp.float32, pos_interp: str | None = None) -> nnx.Module:
+    """An encoder with the weights of an HF checkpoint: a local directory (config.json + weights) or a hub name.
+
+    The config's `model_type` picks the encoder family (`flowfeat_jax.models.registry`): a ViT for dinov2,
+    dinov2_with_registers, vit and vit_mae, a DINOv3 for dinov3_vit, ...
 
     Args:
       name_or_dir: e.g. "facebook/dinov2-small" or a directory written by `save_pretrained`.
       dtype: compute dtype (parameters stay f32).
-      pos_interp: 'hf' (default for HF weights) or 'hub' position-table resizing; None keeps 'hf'.
+      pos_interp: 'hf' (default for HF weights) or 'hub' position-table resizing; None keeps 'hf'. Only for
+        encoders with a position table (ViTConfig).
     """
     path = pathlib.Path(name_or_dir)
     directory = path if path.is_dir() else _hub_snapshot(str(name_or_dir))
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {directory}")
-    cfg = vit_config_from_hf(json.loads(config_file.read_text()))
+    hf_config = json.loads(config_file.read_text())
+    family = registry.family_for_model_type(hf_config.get("model_type"))
+    cfg = family.port("config_from_hf")(hf_config)
     overrides = {"dtype": dtype}
     if pos_interp is not None:
+        if not isinstance(cfg, ViTConfig):
+            raise ValueError(f"pos_interp={pos_interp!r} applies to ViT position tables; a {family.name} encoder "
+                             "has none")
         overrides["pos_interp"] = pos_interp
     cfg = dataclasses.replace(cfg, **overrides)
     # Abstract parameters: nothing is randomly initialised, and any leaf the table misses stays unusable.
-    model = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
-    load_hf_state_dict(model, _read_weights(directory))
+    model = nnx.eval_shape(lambda: family.module_class(cfg, rngs=nnx.Rngs(0)))
+    family.port("load_hf_state_dict")(model, _read_weights(directory))
     return model

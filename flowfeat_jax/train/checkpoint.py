@@ -17,12 +17,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+def _path_name(path: tuple) -> str:
+    """A canonical name of a pytree path: keys and indices as plain strings joined by '/' (so an int key 0 and the
+    string key '0' that orbax restores without a template name the same leaf)."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return "/".join(parts)
+
+
 def tree_digest(tree: Any) -> str:
     """SHA-256 over a pytree's leaves (path, dtype, shape, bytes); stable across runs and machines for equal arrays."""
     digest = hashlib.sha256()
-    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
+    leaves = [(_path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    for name, leaf in sorted(leaves, key=lambda kv: kv[0]):
         arr = np.asarray(jax.device_get(leaf))
-        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(name.encode())
         digest.update(str(arr.dtype).encode())
         digest.update(str(arr.shape).encode())
         digest.update(np.ascontiguousarray(arr).tobytes())
@@ -63,6 +76,13 @@ class Checkpointer:
     def restore_meta(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored.meta
+
+    def restore_raw(self, step: int) -> tuple[dict, dict]:
+        """(state as nested dicts, meta) without a template: for inspection, not for training."""
+        items = {"state": ocp.args.StandardRestore(), "meta": ocp.args.JsonRestore()}
+        with jax.transfer_guard("allow"):
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored.state, restored.meta
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

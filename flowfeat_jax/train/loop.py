@@ -10,6 +10,9 @@ import dataclasses
 import json
 import logging
 import pathlib
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,23 +25,27 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from flowfeat_jax import cli
 from flowfeat_jax.models import flowfeat as flowfeat_lib
 from flowfeat_jax.models import vit as vit_lib
 from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import step as step_lib
 
 
-class TrainingError(RuntimeError):
+class TrainingError(cli.UserError):
     """Training cannot go on (non-finite steps, a mismatched checkpoint); the message says why."""
 
 
 def encoder_config(model_cfg: ml_collections.ConfigDict) -> vit_lib.ViTConfig:
-    """The ViTConfig of a random-init encoder: the `encoder_arch` preset with the non-zero `encoder_size` entries."""
-    preset = getattr(vit_lib.ViTConfig, model_cfg.encoder_arch, None)
-    if preset is None:
-        raise ValueError(f"model.encoder_arch: unknown ViT preset {model_cfg.encoder_arch!r}")
+    """The config of a random-init encoder: the `encoder_arch` preset of any registered family (ViTConfig,
+    DINOv3Config, ...; `models.registry`) with the non-zero `encoder_size` entries."""
+    from flowfeat_jax.models import registry
+
     sizes = {k: v for k, v in model_cfg.encoder_size.items() if v}
-    return dataclasses.replace(preset(), **sizes, dtype=jnp.dtype(model_cfg.dtype))
+    try:
+        return registry.preset_config(model_cfg.encoder_arch, **sizes, dtype=jnp.dtype(model_cfg.dtype))
+    except ValueError as error:
+        raise ValueError(f"model.encoder_arch: {error}") from error
 
 
 def build_flowfeat(model_cfg: ml_collections.ConfigDict, seed: int) -> tuple[flowfeat_lib.FlowFeat, str]:
@@ -178,6 +185,70 @@ def validate(
     return {f"eval/{p}/{k}": v for p, scores in results["flowfeat"].items() for k, v in scores.items()}
 
 
+class NonFiniteWatch:
+    """Counts consecutive non-finite steps on the host, one step behind the device so nothing waits for it."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.bad: list[tuple[int, list[int]]] = []  # (step, video ids) of the current run of bad steps
+        self.pending: tuple[int, jax.Array, list[int]] | None = None
+
+    def push(self, step: int, finite: jax.Array, videos: np.ndarray) -> None:
+        previous, self.pending = self.pending, (step, finite, np.asarray(videos).tolist())
+        if previous is not None:
+            self._check(*previous)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self._check(*self.pending)
+            self.pending = None
+
+    def _check(self, step: int, finite: jax.Array, videos: list[int]) -> None:
+        if bool(jax.device_get(finite)):
+            self.bad = []
+            return
+        self.bad.append((step, videos))
+        logging.warning("step %d: non-finite loss or gradient (videos %s); state left unchanged", step, videos)
+        if len(self.bad) >= self.limit:
+            raise TrainingError(
+                f"{len(self.bad)} consecutive non-finite steps, {self.bad[0][0]} to {step}; "
+                f"videos of step {step}: {videos}; check those videos' flow or lower train.lr"
+            )
+
+
+class StopSignals:
+    """SIGTERM / SIGINT set a flag instead of killing the run, so the loop can save a checkpoint first."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals reach only the main thread; elsewhere the caller handles them
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def warn_half_written(directory: pathlib.Path) -> None:
+    """Orbax writes into a temporary folder and renames it when done; leftovers of a killed save are ignored."""
+    if directory.is_dir():
+        for path in sorted(directory.iterdir()):
+            if "tmp" in path.name:
+                logging.warning("ignoring half-written checkpoint %s (the save was interrupted)", path)
+                print(f"warning: ignoring half-written checkpoint {path}", file=sys.stderr)
+
+
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -203,6 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         "model": {"flowfeat": repr(model.cfg)},
     }
 
+    warn_half_written(workdir / "checkpoints")
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     start = checkpointer.latest_step()
     batches, data_iterator = make_batches(config, workdir, start or 0)
@@ -216,34 +288,40 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     num_steps, batch_size = config.train.num_steps, config.train.batch_size
     metrics_path = workdir / "metrics.jsonl"
     last: dict[str, float] = {}
+    watch = NonFiniteWatch(config.train.max_nonfinite)
     bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc="train", unit="step")
     tick, tick_step = time.perf_counter(), start
-    for step in bar:
-        batch = next(batches)
-        device_batch = jax.device_put({k: v for k, v in batch.items()})
-        with jax.transfer_guard("disallow"):
-            state, metrics = train_step(state, device_batch, encoder_params)
-        done = step + 1
-        if done % config.train.log_every == 0 or done == num_steps:
-            metrics, nonfinite = jax.device_get((metrics, state.nonfinite))
-            now = time.perf_counter()
-            last = {k: float(v) for k, v in metrics.items()}
-            last["img_per_s"] = batch_size * (done - tick_step) / max(now - tick, 1e-9)
-            tick, tick_step = now, done
-            _append_jsonl(metrics_path, {"step": done, **last})
-            bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.1f}")
-            if nonfinite >= config.train.max_nonfinite:
-                checkpointer.close()
-                raise TrainingError(
-                    f"{nonfinite} consecutive non-finite steps ending at step {done}; "
-                    f"last batch videos {np.asarray(batch['video']).tolist()}"
-                )
-        if done % config.train.checkpoint_every == 0 or done == num_steps:
-            checkpointer.save(done, state, meta, data_iterator)
-        every = config.eval.every
-        if config.eval.davis and (done == num_steps or (every and done % every == 0)):
-            scores = validate(config.eval, graphdef, encoder_params, state.ema_params, workdir / "eval" / f"step_{done}")
-            _append_jsonl(metrics_path, {"step": done, **scores})
-            last.update(scores)
-    checkpointer.close()
+    with StopSignals() as stop:
+        try:
+            for step in bar:
+                batch = next(batches)
+                device_batch = jax.device_put(batch)
+                with jax.transfer_guard("disallow"):
+                    state, metrics = train_step(state, device_batch, encoder_params)
+                done = step + 1
+                watch.push(done, metrics["finite"], batch["video"])
+                if done % config.train.log_every == 0 or done == num_steps:
+                    watch.flush()
+                    now = time.perf_counter()
+                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    last["img_per_s"] = batch_size * (done - tick_step) / max(now - tick, 1e-9)
+                    tick, tick_step = now, done
+                    _append_jsonl(metrics_path, {"step": done, **last})
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.1f}")
+                if done % config.train.checkpoint_every == 0 or done == num_steps or stop.received:
+                    checkpointer.save(done, state, meta, data_iterator)
+                if stop.received:
+                    raise TrainingError(
+                        f"stopped by {stop.received} after step {done}; checkpoint saved in {checkpointer.directory}, "
+                        "run the same command to resume"
+                    )
+                every = config.eval.every
+                if config.eval.davis and (done == num_steps or (every and done % every == 0)):
+                    scores = validate(
+                        config.eval, graphdef, encoder_params, state.ema_params, workdir / "eval" / f"step_{done}"
+                    )
+                    _append_jsonl(metrics_path, {"step": done, **scores})
+                    last.update(scores)
+        finally:
+            checkpointer.close()
     return last

@@ -1,0 +1,447 @@
+"""Released FlowFeat `.pth` files <-> JAX run directories (issue 7).
+
+A reference file is the state dict of model.py FlowFeat: `encoder.*` in torch-hub ViT names (DINO, DINOv2, MAE) and
+`decoder.*` in reference DecodeDPT names; a training snapshot ({"model": ...} of FlowFeatTrain) also holds the EMA
+teacher under `decoder_ema.ema_model.*`.
+
+One table per direction pair: `hub_key_table` (hub name <-> NNX path <-> HF on-disk names, derived row by row from
+`ports.vit.hf_key_table`) and `ports.dpt.DPT_KEY_TABLE`. Import reads them forwards (hub -> HF directory for the
+encoder, reference -> NNX for the decoder), export backwards (NNX -> hub / reference names).
+
+Import writes a run directory that `main` (fine-tuning), `inference.load_flowfeat`, evaluation and
+tools/extract_features.py read: config.json, checkpoints/0/{state,meta} and encoder/ (an HF-format copy of the
+encoder: config.json + model.safetensors), with config.model.encoder = that directory and pos_interp = 'hub'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from flowfeat_jax.models.dpt import DPT, DPTConfig
+from flowfeat_jax.models.flowfeat import FlowFeat, FlowFeatConfig, default_hooks
+from flowfeat_jax.models.vit import ViTConfig
+from flowfeat_jax.ports import dpt as dpt_ports
+from flowfeat_jax.ports import vit as vit_ports
+from flowfeat_jax.torch_ref import flowfeat as torch_flowfeat
+from flowfeat_jax.torch_ref.vit import HubViTConfig, mae_sincos_pos_embed
+
+# Training-snapshot keys: the EMA teacher, a second copy of the online decoder, and EMA bookkeeping buffers.
+_EMA_PREFIX = "decoder_ema.ema_model."
+_EMA_ONLINE_PREFIX = "decoder_ema.online_model."
+_EMA_BUFFERS = ("decoder_ema.initted", "decoder_ema.step")
+_MASK_TOKEN_HUB, _MASK_TOKEN_HF = "mask_token", "embeddings.mask_token"
+# The hub's LayerNorm eps for every family; the stored position table is resized as the torch hub does.
+_HUB_EPS = 1e-6
+# MAE's table is fixed sin-cos; a stored table this close to it marks an MAE encoder.
+_SINCOS_TOLERANCE = 1e-4
+
+
+class HubRow(NamedTuple):
+    nnx_path: str  # dotted path of the ViT parameter
+    layout: str  # 'linear' | 'conv' | 'copy' (ports.vit.torch_to_nnx)
+    hub_name: str  # torch-hub / reference encoder key, without `encoder.`
+    hf_names: tuple[str, ...]  # HF on-disk keys; several = hub tensor split along axis 0 (q|k|v)
+
+
+def _hub_name(nnx_path: str) -> str:
+    """The hub names the NNX ViT's modules as the hub does; only torch's `weight` differs (NNX kernel/scale)."""
+    head, _, leaf = nnx_path.rpartition(".")
+    return f"{head}.weight" if leaf in ("kernel", "scale") else nnx_path
+
+
+def hub_key_table(cfg: ViTConfig) -> list[HubRow]:
+    """hub name <-> NNX path <-> HF names for every encoder parameter, one row per `hf_key_table` row."""
+    return [HubRow(r.nnx_path, r.layout, _hub_name(r.nnx_path), r.disk_names) for r in vit_ports.hf_key_table(cfg)]
+
+
+def nnx_to_torch(array: np.ndarray, layout: str) -> np.ndarray:
+    """Inverse of `ports.vit.torch_to_nnx`: (in, out) -> Linear (out, in), HWIO -> Conv OIHW."""
+    if layout == "linear":
+        return array.T
+    if layout == "conv":
+        return array.transpose(3, 2, 0, 1)
+    return array
+
+
+def _torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    return nnx_to_torch(np.empty(shape, np.bool_), layout).shape
+
+
+def _has_mask_token(cfg: ViTConfig) -> bool:
+    return cfg.family == "dinov2"  # the hub DinoVisionTransformer always has one
+
+
+def reference_shapes(cfg: FlowFeatConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of the reference FlowFeat state dict for this config, with its torch shape (nothing allocated)."""
+    model = nnx.eval_shape(lambda: FlowFeat(cfg, rngs=nnx.Rngs(0)))
+    shapes = {}
+    encoder = _flat_params(model.encoder)
+    for row in hub_key_table(cfg.encoder):
+        shapes["encoder." + row.hub_name] = _torch_shape(encoder[row.nnx_path].shape, row.layout)
+    if _has_mask_token(cfg.encoder):
+        shapes["encoder." + _MASK_TOKEN_HUB] = (1, cfg.encoder.hidden_size)
+    decoder = _flat_params(model.decoder)
+    for torch_key, nnx_path, is_kernel in dpt_ports.DPT_KEY_TABLE:
+        shape = decoder[nnx_path].shape
+        shapes["decoder." + torch_key] = _torch_shape(shape, "conv") if is_kernel and len(shape) == 4 else tuple(shape)
+    return shapes
+
+
+def _flat_params(module: nnx.Module) -> dict:
+    return {".".join(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Export: NNX -> reference names
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def flowfeat_state_dict(model: FlowFeat, mask_token: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The reference FlowFeat state dict (float32 numpy, torch layouts) of a JAX FlowFeat.
+
+    `mask_token` (DINOv2 only; unused at inference) defaults to zeros, the hub's initial value.
+    """
+    cfg = model.cfg
+    if cfg.hooks != default_hooks(cfg.encoder.num_layers):
+        raise ValueError(f"hooks {cfg.hooks} differ from the reference hooks {default_hooks(cfg.encoder.num_layers)} "
+                         "for this depth; the reference FlowFeat cannot run this model")
+    encoder = _flat_params(model.encoder)
+    state = {}
+    for row in hub_key_table(cfg.encoder):
+        value = np.asarray(encoder[row.nnx_path].get_value(), np.float32)
+        state["encoder." + row.hub_name] = nnx_to_torch(value, row.layout)
+    if _has_mask_token(cfg.encoder):
+        token = np.zeros((1, cfg.encoder.hidden_size), np.float32) if mask_token is None else mask_token
+        state["encoder." + _MASK_TOKEN_HUB] = np.asarray(token, np.float32)
+    for key, value in dpt_ports.dpt_state_dict(model.decoder).items():
+        state["decoder." + key] = np.asarray(value, np.float32)
+    _check_against_reference(state, reference_shapes(cfg), "exported state dict")
+    return {k: np.ascontiguousarray(v) for k, v in state.items()}
+
+
+def _stored_mask_token(encoder: str) -> np.ndarray | None:
+    """The DINOv2 mask token of a local HF encoder directory (kept there by the import), else None."""
+    weights = pathlib.Path(encoder) / "model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(weights, "np") as f:
+        return f.get_tensor(_MASK_TOKEN_HF) if _MASK_TOKEN_HF in f.keys() else None
+
+
+def export_flowfeat(checkpoint: str | pathlib.Path, out: str | pathlib.Path, *, decoder: str = "ema",
+                    use_safetensors: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Writes the reference state dict of a run directory / checkpoint to `out` (.pth, or .safetensors).
+
+    Returns the state dict and notes on where torch outputs will differ (position resizing, LayerNorm eps).
+    """
+    from flowfeat_jax.inference import load_flowfeat
+
+    out = pathlib.Path(out)
+    if not out.absolute().parent.is_dir():
+        raise FileNotFoundError(f"output folder of {out} does not exist")
+    model, config, _ = load_flowfeat(checkpoint, decoder=decoder)
+    state = flowfeat_state_dict(model, _stored_mask_token(config.model.encoder))
+    enc = model.cfg.encoder
+    notes = []
+    if enc.pos_interp != "hub":
+        notes.append(f"the run resizes position tables with pos_interp={enc.pos_interp!r}; torch (hub) outputs match "
+                     f"only at the stored {enc.pos_grid}x{enc.pos_grid} token grid")
+    if enc.layer_norm_eps != _HUB_EPS:
+        notes.append(f"the encoder LayerNorm eps is {enc.layer_norm_eps:g}, the hub model uses {_HUB_EPS:g}")
+    import torch
+
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}  # writable copies
+    tmp = out.with_name(f".{out.name}.tmp")
+    if use_safetensors:
+        from safetensors.torch import save_file
+
+        save_file(tensors, tmp)
+    else:
+        torch.save(tensors, tmp)
+    os.replace(tmp, out)
+    return state, notes
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Import: reference file -> run directory
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_reference_file(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """The float32 numpy state dict of a released .pth / .safetensors (a {"model": ...} training snapshot unwrapped)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return {k: v.astype(np.float32) for k, v in load_file(path).items()}
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, or one holding arbitrary objects
+        raise ValueError(f"{path}: cannot read as a torch state dict ({type(error).__name__}: {error})") from None
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors (or {{'model': state dict}})")
+    return {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+def split_reference_state_dict(state: Mapping[str, np.ndarray]) -> tuple[dict, dict, dict | None]:
+    """(`encoder.*`, `decoder.*`, EMA teacher `decoder_ema.ema_model.*` or None), prefixes kept on the first two."""
+    encoder, decoder, ema, unknown = {}, {}, {}, []
+    for key, value in state.items():
+        if key.startswith("encoder."):
+            encoder[key] = value
+        elif key.startswith("decoder."):
+            decoder[key] = value
+        elif key.startswith(_EMA_PREFIX):
+            ema["decoder." + key[len(_EMA_PREFIX):]] = value
+        elif not key.startswith(_EMA_ONLINE_PREFIX) and key not in _EMA_BUFFERS:  # online copy == decoder.*
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"unexpected keys (not encoder./decoder./decoder_ema.): {', '.join(sorted(unknown))}")
+    return encoder, decoder, ema or None
+
+
+def _check_against_reference(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple], what: str) -> None:
+    """One ValueError naming every missing, unexpected and mis-shaped key."""
+    problems = [f"missing key {k}" for k in sorted(set(expected) - set(state))]
+    problems += [f"unexpected key {k}" for k in sorted(set(state) - set(expected))]
+    problems += [f"{k} has shape {tuple(state[k].shape)}, expected {expected[k]}"
+                 for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k])]
+    if problems:
+        raise ValueError(f"{what} does not match the reference FlowFeat layout: " + "; ".join(problems))
+
+
+def _is_mae_table(pos_embed: np.ndarray) -> bool:
+    """True when the stored table is MAE's fixed sin-cos table (zero class row, 2-D sin-cos patch rows)."""
+    _, rows, dim = pos_embed.shape
+    side = int(round((rows - 1) ** 0.5))
+    if dim % 4 or side * side != rows - 1:
+        return False
+    return bool(np.abs(pos_embed - mae_sincos_pos_embed(dim, side)).max() < _SINCOS_TOLERANCE)
+
+
+def vit_config_from_hub(hub: HubViTConfig, family: str) -> ViTConfig:
+    """The JAX encoder config of a hub ViT, with hub position resizing."""
+    return ViTConfig(family=family, patch_size=hub.patch_size, hidden_size=hub.hidden_size, num_layers=hub.num_layers,
+                     num_heads=hub.num_heads, mlp_dim=hub.mlp_dim, num_registers=hub.num_registers,
+                     layer_scale=hub.layer_scale, swiglu=hub.swiglu, qkv_bias=hub.qkv_bias,
+                     layer_norm_eps=hub.layer_norm_eps, pos_grid=hub.pos_grid, pos_interp="hub",
+                     pos_antialias=hub.pos_antialias)
+
+
+def hub_config_from_vit(cfg: ViTConfig) -> HubViTConfig:
+    """The torch hub-ViT config of a JAX encoder config (hub position resizing: antialias for register models)."""
+    return HubViTConfig(patch_size=cfg.patch_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                        num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, num_registers=cfg.num_registers,
+                        layer_scale=cfg.layer_scale, swiglu=cfg.swiglu, qkv_bias=cfg.qkv_bias,
+                        mask_token=_has_mask_token(cfg), pos_grid=cfg.pos_grid, pos_antialias=cfg.pos_antialias,
+                        layer_norm_eps=cfg.layer_norm_eps)
+
+
+def infer_flowfeat_config(state: Mapping[str, np.ndarray], *, family: str | None = None,
+                          num_heads: int | None = None) -> FlowFeatConfig:
+    """FlowFeatConfig of a reference state dict from its shapes (torch_ref.flowfeat.infer_config) plus the family:
+    DINOv2 by its mask token / layer scale, MAE by its sin-cos position table, else DINO; `family` decides between
+    DINO and MAE when given (and must agree with DINOv2-ness)."""
+    inferred = torch_flowfeat.infer_config({k: v.shape for k, v in state.items()}, num_heads)
+    hub = inferred.encoder
+    is_dinov2 = hub.mask_token or hub.layer_scale
+    if family is None:
+        family = "dinov2" if is_dinov2 else "mae" if _is_mae_table(state["encoder.pos_embed"]) else "dino"
+    elif (family == "dinov2") != is_dinov2:
+        raise ValueError(f"the config names a {family} encoder, but the file's encoder "
+                         f"{'has' if is_dinov2 else 'lacks'} the DINOv2 mask token / layer scale")
+    vit_cfg = vit_config_from_hub(hub, family)
+    decoder = DPTConfig(vit_dim=hub.hidden_size, widths=inferred.widths, features=inferred.features,
+                        patch_size=hub.patch_size)
+    return FlowFeatConfig(encoder=vit_cfg, decoder=decoder, hooks=inferred.hooks)
+
+
+def hf_config_dict(cfg: ViTConfig) -> dict:
+    """config.json of the HF model (Dinov2Model, Dinov2WithRegistersModel, ViTModel, ViTMAEModel) holding this
+    encoder; `ports.vit.vit_config_from_hf` reads it back to `cfg` (checked here)."""
+    d = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+             hidden_act="gelu", layer_norm_eps=cfg.layer_norm_eps, image_size=cfg.pos_grid * cfg.patch_size,
+             patch_size=cfg.patch_size, num_channels=3, qkv_bias=cfg.qkv_bias, hidden_dropout_prob=0.0,
+             attention_probs_dropout_prob=0.0, initializer_range=0.02)
+    if cfg.family == "dinov2":
+        # transformers sizes the MLP as int(hidden * mlp_ratio), SwiGLU as two thirds of that rounded up to 8; its
+        # config class types mlp_ratio as int (a fractional ratio is only readable by ports.vit).
+        ratio = 4 if cfg.swiglu else cfg.mlp_dim / cfg.hidden_size
+        ratio = int(ratio) if float(ratio).is_integer() else ratio
+        model_type = "dinov2_with_registers" if cfg.num_registers else "dinov2"
+        d.update(model_type=model_type, mlp_ratio=ratio, layerscale_value=1.0, drop_path_rate=0.0,
+                 use_swiglu_ffn=cfg.swiglu, use_mask_token=True)
+        if cfg.num_registers:
+            d["num_register_tokens"] = cfg.num_registers
+        d["architectures"] = ["Dinov2WithRegistersModel" if cfg.num_registers else "Dinov2Model"]
+    else:
+        d.update(model_type="vit" if cfg.family == "dino" else "vit_mae", intermediate_size=cfg.mlp_dim,
+                 architectures=["ViTModel" if cfg.family == "dino" else "ViTMAEModel"])
+        if cfg.family == "dino":
+            d["encoder_stride"] = cfg.patch_size
+    back = dataclasses.replace(vit_ports.vit_config_from_hf(d), pos_interp=cfg.pos_interp, dtype=cfg.dtype,
+                               param_dtype=cfg.param_dtype)
+    if back != cfg:
+        raise ValueError(f"this encoder has no exact HF config: {cfg} would load as {back}")
+    return d
+
+
+def write_hf_encoder(directory: pathlib.Path, encoder_state: Mapping[str, np.ndarray], cfg: ViTConfig) -> None:
+    """An HF-format copy of a hub encoder (`encoder.*` keys): config.json + model.safetensors in HF on-disk names."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for row in hub_key_table(cfg):
+        parts = np.split(encoder_state["encoder." + row.hub_name], len(row.hf_names), axis=0)  # q|k|v
+        tensors.update(zip(row.hf_names, parts))
+    if _has_mask_token(cfg):
+        tensors[_MASK_TOKEN_HF] = encoder_state["encoder." + _MASK_TOKEN_HUB]
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, directory / "model.safetensors",
+              metadata={"format": "pt"})
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _config_for_import(config: ml_collections.ConfigDict | None, cfg: FlowFeatConfig) -> ml_collections.ConfigDict:
+    """The run config: `config` (or the base config) with encoder, pos_interp and features of the file; a given
+    config's encoder sizes must match the file."""
+    from flowfeat_jax.config import base_config
+    from flowfeat_jax.train import loop
+
+    enc = cfg.encoder
+    if config is None:
+        config = base_config()
+        for name in ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14", "dino_vits16", "dino_vitb16",
+                     "mae_vitb16", "mae_vitl16"):
+            preset = getattr(ViTConfig, name)()
+            same = ("family", "patch_size", "hidden_size", "num_layers")
+            if all(getattr(preset, f) == getattr(enc, f) for f in same):
+                config.model.encoder_arch = name
+    else:
+        config = ml_collections.ConfigDict(config.to_dict())
+        named = loop.encoder_config(config.model)
+        fields = ("family", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
+        differ = [f"{f} {getattr(named, f)} (file: {getattr(enc, f)})" for f in fields
+                  if getattr(named, f) != getattr(enc, f)]
+        if differ:
+            raise ValueError(f"the config's encoder ({config.model.encoder_arch}) does not match the file: "
+                             + ", ".join(differ))
+    config.model.features = cfg.decoder.features
+    config.model.hooks = ()
+    config.model.pos_interp = "hub"
+    return config
+
+
+def _make_readable(root: pathlib.Path) -> None:
+    """Give the mkdtemp directory (0700) and the files in it the permissions of newly created ones (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def import_flowfeat(pth: str | pathlib.Path, out_dir: str | pathlib.Path,
+                    config: ml_collections.ConfigDict | None = None) -> pathlib.Path:
+    """Converts a released FlowFeat file into a run directory `out_dir` (must not exist); returns its absolute path.
+
+    `config` (an experiment config, e.g. configs/<name>.py) supplies the training settings for fine-tuning, the head
+    count and the DINO/MAE choice; without it the base config is used, heads = width / 64 and the family is read
+    from the weights. Raises ValueError naming every missing, unexpected or mis-shaped key; nothing is written then.
+    """
+    from flowfeat_jax.train import checkpoint as ckpt_lib
+    from flowfeat_jax.train import loop
+
+    pth, out_dir = pathlib.Path(pth), pathlib.Path(out_dir).absolute()
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
+    if not out_dir.parent.is_dir():
+        raise FileNotFoundError(f"output folder {out_dir.parent} does not exist")
+    state = read_reference_file(pth)
+    encoder_state, decoder_state, ema_state = split_reference_state_dict(state)
+    family = num_heads = None
+    if config is not None:
+        named = loop.encoder_config(config.model)
+        family, num_heads = named.family, named.num_heads
+    try:
+        cfg = infer_flowfeat_config({**encoder_state, **decoder_state}, family=family, num_heads=num_heads)
+    except ValueError as error:
+        raise ValueError(f"{pth}: {error}") from None
+    expected = reference_shapes(cfg)
+    _check_against_reference({**encoder_state, **decoder_state}, expected, str(pth))
+    if ema_state is not None:
+        _check_against_reference(ema_state, {k: v for k, v in expected.items() if k.startswith("decoder.")},
+                                 f"{pth} (decoder_ema.ema_model)")
+    config = _config_for_import(config, cfg)
+    final_encoder = out_dir / "encoder"
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write_hf_encoder(tmp / "encoder", encoder_state, cfg.encoder)
+        # What loop.build_flowfeat builds from this config, without its random init (the weights replace it).
+        dtype = jnp.dtype(config.model.dtype)
+        encoder = vit_ports.from_pretrained(str(tmp / "encoder"), dtype=dtype, pos_interp="hub")
+        built = FlowFeatConfig.from_encoder(encoder.cfg, features=config.model.features)
+        if built.decoder.widths != cfg.decoder.widths:
+            raise ValueError(f"{pth}: decoder widths {cfg.decoder.widths} differ from {built.decoder.widths}, "
+                             f"the ones this project builds for a {cfg.encoder.family} encoder")
+        config.model.encoder = str(final_encoder)
+        decoder = nnx.eval_shape(lambda: DPT(built.decoder, rngs=nnx.Rngs(0)))
+
+        def decoder_params(prefixed):
+            dpt_ports.load_dpt_state_dict(decoder, {k[len("decoder."):]: v for k, v in prefixed.items()})
+            return jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(decoder)))
+
+        ema = decoder_params(ema_state) if ema_state is not None else None
+        online = decoder_params(decoder_state)
+        tx = loop.make_optimizer(config.train, config.model.random_decoder)
+        train_state = loop.init_train_state(online, tx, config.seed)
+        if ema is not None:
+            train_state = train_state.replace(ema_params=ema)
+        encoder_digest = ckpt_lib.tree_digest(nnx.to_pure_dict(nnx.state(encoder)))
+        meta = {
+            "config": json.loads(config.to_json_best_effort()),
+            "encoder": {"source": str(final_encoder), "digest": encoder_digest},
+            "model": {"flowfeat": repr(built)},
+            "imported": {"file": str(pth.absolute()), "sha256": _file_sha256(pth), "ema": ema is not None},
+        }
+        checkpointer = ckpt_lib.Checkpointer(tmp / "checkpoints")
+        checkpointer.save(0, train_state, meta)
+        checkpointer.close()
+        (tmp / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        _make_readable(tmp)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+

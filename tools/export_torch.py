@@ -1,0 +1,41 @@
+"""Export a JAX FlowFeat checkpoint as a PyTorch state dict in the reference layout (model.py FlowFeat).
+
+    python tools/export_torch.py --checkpoint runs/ytvos_dinov2_s14 --out flowfeat.pth [--safetensors] [--decoder ema]
+
+Keys: `encoder.*` in torch-hub DINO/DINOv2/MAE names, `decoder.*` in reference DecodeDPT names; the reference
+`FlowFeat(cfg).load_state_dict(sd, strict=True)` accepts it, and so does flowfeat_jax.torch_ref.flowfeat
+(`load_torch_flowfeat(path)`, torch only). The EMA decoder (the evaluated model) is exported by default.
+"""
+
+import argparse
+import sys
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run directory or one checkpoints/<step> folder")
+    parser.add_argument("--out", required=True, help="output file (.pth, or .safetensors with --safetensors)")
+    parser.add_argument("--safetensors", action="store_true", help="write safetensors instead of torch.save")
+    parser.add_argument("--decoder", choices=("ema", "online"), default="ema", help="which decoder (default: ema)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from flowfeat_jax.ports.flowfeat import export_flowfeat  # after argument parsing, so --help answers at once
+
+    try:
+        state, notes = export_flowfeat(args.checkpoint, args.out, decoder=args.decoder,
+                                       use_safetensors=args.safetensors)
+    except (OSError, ValueError) as error:
+        print(f"export_torch: error: {error}", file=sys.stderr)
+        return 1
+    size = sum(v.size for v in state.values())
+    print(f"wrote {args.out}: {len(state)} tensors, {size / 1e6:.1f}M parameters ({args.decoder} decoder)")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

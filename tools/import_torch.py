@@ -1,0 +1,57 @@
+"""Import a released FlowFeat .pth (reference model.py FlowFeat state dict) as a JAX run directory.
+
+    python tools/import_torch.py --pth dino2_s14_flowfeat_yt.pth --out runs/dinov2_s14_yt [--config ytvos_dinov2_s14]
+
+Writes OUT/config.json, OUT/checkpoints/0/{state,meta} (online = EMA decoder = the file's decoder; a training
+snapshot's `decoder_ema` becomes the EMA decoder) and OUT/encoder/ (the encoder as an HF-format directory), usable by
+flowfeat_jax.inference.load_flowfeat, evaluation, tools/extract_features.py --checkpoint, tools/export_torch.py and
+fine-tuning. The backbone is read from the tensor shapes; --config (a configs/ name or a config .py file) adds its
+training settings, head count and DINO/MAE choice. Nothing is written when the file does not match.
+"""
+
+import argparse
+import importlib.util
+import pathlib
+import sys
+
+REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pth", required=True, help="released FlowFeat weights (.pth or .safetensors)")
+    parser.add_argument("--out", required=True, help="new run directory (must not exist)")
+    parser.add_argument("--config", help="experiment config: a name in configs/ or a path to a config .py file")
+    return parser.parse_args(argv)
+
+
+def load_config(name: str):
+    """get_config() of configs/<name>.py, or of the config file at path `name`."""
+    path = pathlib.Path(name)
+    if not path.is_file():
+        path = REPO_CONFIGS / f"{name.removesuffix('.py')}.py"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in REPO_CONFIGS.glob("*.py")))
+        raise FileNotFoundError(f"no config file {name!r} (nor {path}); configs/ has: {known}")
+    spec = importlib.util.spec_from_file_location(f"flowfeat_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from flowfeat_jax.ports.flowfeat import import_flowfeat  # after argument parsing, so --help answers at once
+
+    try:
+        config = load_config(args.config) if args.config else None
+        out = import_flowfeat(args.pth, args.out, config)
+    except (OSError, ValueError) as error:
+        print(f"import_torch: error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} (encoder {out / 'encoder'}, checkpoint step 0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
