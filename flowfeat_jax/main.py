@@ -24,10 +24,11 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from flowfeat_jax import cli
-    from flowfeat_jax.train import loop
+    from flowfeat_jax.train import loop, sharding
 
     if not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
+    sharding.initialize_distributed()
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
 

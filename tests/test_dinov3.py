@@ -21,7 +21,7 @@ from flowfeat_jax.data import synthetic
 from flowfeat_jax.models import flowfeat as flowfeat_lib
 from flowfeat_jax.models.dinov3 import DINOv3, DINOv3Config, rope_tables
 from flowfeat_jax.models.vit import forward, patch_tokens
-from flowfeat_jax.ports.dinov3 import dinov3_config_from_hf, hf_key_table
+from flowfeat_jax.ports.dinov3 import dinov3_config_from_hf, hf_key_table, load_hf_state_dict
 from flowfeat_jax.ports.vit import from_pretrained
 from flowfeat_jax.train import loop
 from flowfeat_jax.train import step as step_lib
@@ -232,8 +232,6 @@ def test_flowfeat_forward_with_dinov3_encoder(hf_models):
     model = flowfeat_lib.FlowFeat(cfg, rngs=nnx.Rngs(0))
     assert isinstance(model.encoder, DINOv3)
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    from flowfeat_jax.ports.dinov3 import load_hf_state_dict
-
     load_hf_state_dict(model.encoder, state)
     images = _images(64, 96)
     _, expected_blocks, _ = _torch_outputs(torch_model, images)

@@ -168,8 +168,9 @@ def test_reference_key_set_of_released_backbones(preset, dinov2, shapes):
 # Import: reference file -> run directory
 # --------------------------------------------------------------------------------------------------------------------
 
-_HUB_DINOV2_REG = HubViTConfig(patch_size=14, hidden_size=64, num_layers=4, num_heads=1, mlp_dim=128, num_registers=2,
-                               layer_scale=True, mask_token=True, pos_grid=37, pos_antialias=True)
+_HUB_DINOV2 = HubViTConfig(patch_size=14, hidden_size=64, num_layers=4, num_heads=1, mlp_dim=128, layer_scale=True,
+                           mask_token=True, pos_grid=37)
+_HUB_DINOV2_REG = dataclasses.replace(_HUB_DINOV2, num_registers=2, pos_antialias=True)
 _HUB_DINO = HubViTConfig(patch_size=16, hidden_size=64, num_layers=4, num_heads=2, mlp_dim=96, pos_grid=14)
 
 _TINY_CONFIG = """
@@ -287,6 +288,7 @@ def _hub_tokens(vit: HubViT, pixels: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("hub, sincos, hf_class, family", [
     (_HUB_DINOV2_REG, False, transformers.Dinov2WithRegistersModel, "dinov2"),
+    (_HUB_DINOV2, False, transformers.Dinov2Model, "dinov2"),
     (dataclasses.replace(_HUB_DINO, num_heads=1), True, transformers.ViTMAEModel, "mae"),
     (dataclasses.replace(_HUB_DINO, num_heads=1), False, transformers.ViTModel, "dino"),
 ])

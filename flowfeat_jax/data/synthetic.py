@@ -65,11 +65,23 @@ def synthetic_sample(seed: int, index: int, frame_size: int, flow_size: int, num
 
 
 def synthetic_batches(
-    seed: int, batch_size: int, frame_size: int, flow_size: int, start_step: int = 0
+    seed: int,
+    batch_size: int,
+    frame_size: int,
+    flow_size: int,
+    start_step: int = 0,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless batches of synthetic samples; batch k holds samples k*B .. k*B + B - 1, so resuming at a step is exact."""
+    """Endless batches; global batch k holds samples k*B .. k*B + B - 1 and this process yields its contiguous slice,
+    so resuming at a step is exact and the global batch does not depend on the number of processes."""
+    if batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} does not split over {process_count} processes")
+    local = batch_size // process_count
     step = start_step
     while True:
-        samples = [synthetic_sample(seed, step * batch_size + i, frame_size, flow_size) for i in range(batch_size)]
+        first = step * batch_size + process_index * local
+        samples = [synthetic_sample(seed, first + i, frame_size, flow_size) for i in range(local)]
         yield {key: np.stack([s[key] for s in samples]) for key in samples[0]}
         step += 1

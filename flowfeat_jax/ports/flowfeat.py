@@ -44,7 +44,7 @@ _EMA_PREFIX = "decoder_ema.ema_model."
 _EMA_ONLINE_PREFIX = "decoder_ema.online_model."
 _EMA_BUFFERS = ("decoder_ema.initted", "decoder_ema.step")
 _MASK_TOKEN_HUB, _MASK_TOKEN_HF = "mask_token", "embeddings.mask_token"
-# The hub's LayerNorm eps for every family; the stored position table is resized as the torch hub does.
+# LayerNorm eps of every hub encoder (DINO, DINOv2, reference MAEEncoder).
 _HUB_EPS = 1e-6
 # MAE's table is fixed sin-cos; a stored table this close to it marks an MAE encoder.
 _SINCOS_TOLERANCE = 1e-4
@@ -167,14 +167,17 @@ def export_flowfeat(checkpoint: str | pathlib.Path, out: str | pathlib.Path, *, 
     import torch
 
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}  # writable copies
-    tmp = out.with_name(f".{out.name}.tmp")
-    if use_safetensors:
-        from safetensors.torch import save_file
+    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: never a half-written `out`
+    try:
+        if use_safetensors:
+            from safetensors.torch import save_file
 
-        save_file(tensors, tmp)
-    else:
-        torch.save(tensors, tmp)
-    os.replace(tmp, out)
+            save_file(tensors, tmp)
+        else:
+            torch.save(tensors, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return state, notes
 
 
@@ -248,15 +251,6 @@ def vit_config_from_hub(hub: HubViTConfig, family: str) -> ViTConfig:
                      layer_scale=hub.layer_scale, swiglu=hub.swiglu, qkv_bias=hub.qkv_bias,
                      layer_norm_eps=hub.layer_norm_eps, pos_grid=hub.pos_grid, pos_interp="hub",
                      pos_antialias=hub.pos_antialias)
-
-
-def hub_config_from_vit(cfg: ViTConfig) -> HubViTConfig:
-    """The torch hub-ViT config of a JAX encoder config (hub position resizing: antialias for register models)."""
-    return HubViTConfig(patch_size=cfg.patch_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                        num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, num_registers=cfg.num_registers,
-                        layer_scale=cfg.layer_scale, swiglu=cfg.swiglu, qkv_bias=cfg.qkv_bias,
-                        mask_token=_has_mask_token(cfg), pos_grid=cfg.pos_grid, pos_antialias=cfg.pos_antialias,
-                        layer_norm_eps=cfg.layer_norm_eps)
 
 
 def infer_flowfeat_config(state: Mapping[str, np.ndarray], *, family: str | None = None,

@@ -29,6 +29,7 @@ from flowfeat_jax import cli
 from flowfeat_jax.models import flowfeat as flowfeat_lib
 from flowfeat_jax.models import vit as vit_lib
 from flowfeat_jax.train import checkpoint as ckpt_lib
+from flowfeat_jax.train import sharding
 from flowfeat_jax.train import step as step_lib
 
 
@@ -143,19 +144,27 @@ def ensure_records(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -
 
 
 def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start_step: int) -> tuple[Iterator, Any]:
-    """The training batch iterator and, for record data, the same grain iterator (its state goes into checkpoints)."""
+    """This process's share of each global batch, and for record data the same grain iterator (checkpointed)."""
     data = config.data
     if data.source == "synthetic":
         from flowfeat_jax.data import synthetic
 
-        it = synthetic.synthetic_batches(config.seed, config.train.batch_size, data.frame_size, data.flow_size, start_step)
+        it = synthetic.synthetic_batches(
+            config.seed,
+            config.train.batch_size,
+            data.frame_size,
+            data.flow_size,
+            start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         return it, None
     if data.source == "records":
         from flowfeat_jax.data import pipeline
 
         dataset = pipeline.make_pair_dataset(
             ensure_records(data, workdir),
-            batch_size=config.train.batch_size,
+            batch_size=config.train.batch_size // jax.process_count(),
             seed=config.seed,
             worker_count=data.num_workers,
             read_threads=data.prefetch,
@@ -250,6 +259,8 @@ def warn_half_written(directory: pathlib.Path) -> None:
 
 
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:
+    if jax.process_index() != 0:  # one writer in a multi-host run
+        return
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -275,6 +286,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     }
 
     warn_half_written(workdir / "checkpoints")
+    mesh = sharding.data_mesh()
+    sharding.local_batch_size(config.train.batch_size, mesh)  # fails early on a batch that does not split
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     start = checkpointer.latest_step()
     batches, data_iterator = make_batches(config, workdir, start or 0)
@@ -283,19 +296,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iterator)
         logging.info("resumed from %s at step %d", checkpointer.directory, start)
     start = int(state.step)
+    state, encoder_params = sharding.replicate((state, encoder_params), mesh)
 
     train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, step_config(config)))
     num_steps, batch_size = config.train.num_steps, config.train.batch_size
     metrics_path = workdir / "metrics.jsonl"
     last: dict[str, float] = {}
     watch = NonFiniteWatch(config.train.max_nonfinite)
-    bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc="train", unit="step")
+    bar = tqdm(
+        range(start, num_steps), initial=start, total=num_steps, desc="train", unit="step", disable=jax.process_index() > 0
+    )
     tick, tick_step = time.perf_counter(), start
     with StopSignals() as stop:
         try:
             for step in bar:
                 batch = next(batches)
-                device_batch = jax.device_put(batch)
+                device_batch = sharding.shard_batch(batch, mesh)
                 with jax.transfer_guard("disallow"):
                     state, metrics = train_step(state, device_batch, encoder_params)
                 done = step + 1
