@@ -9,7 +9,8 @@ Steps, batch and lr are our choices (the paper does not list them).
 Command:
   python -m flowfeat_jax.probe --config configs/probe_cocostuff.py \
       --config.features.run_dir=runs/ytvos_dinov2_s14 --config.data.root=/data/cocostuff
-Encoder-only baseline: --config.features.which=encoder --config.model.encoder=facebook/dinov2-small
+Encoder-only baseline: --config.features.which=encoder --config.model.encoder=facebook/dinov2-small \
+      --config.pamr.enabled=False      (PAMR needs the FlowFeat features of a trained run for its affinities)
 """
 
 from flowfeat_jax.probes.config import base_probe_config
@@ -23,7 +24,6 @@ def get_config():
     c.data.eval_split = "val2017"
     c.data.num_classes = 27
     c.data.input_size = 448
-    c.data.eval_crop = 448
 
     c.probe = dict(num_heads=8, with_norm=False, downscale=1)  # reference probes/attention.py defaults
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 import flax.nnx as nnx
+import jax
 import ml_collections
 
 from flowfeat_jax.models.flowfeat import FlowFeat
@@ -39,13 +40,16 @@ def load_flowfeat(
     checkpointer = ckpt_lib.Checkpointer(directory)
     meta = checkpointer.restore_meta(step)
     config = ml_collections.ConfigDict(meta["config"])
-    model, source = loop.build_flowfeat(config.model, config.seed)
+    encoder_dir = pathlib.Path(config.model.encoder)
+    if config.model.encoder and not encoder_dir.exists() and (directory.parent / "encoder").is_dir():
+        config.model.encoder = str(directory.parent / "encoder")  # an imported run dir that was moved
+    model, source = loop.build_flowfeat(config.model, config.seed, init_decoder=False)
     encoder_params = nnx.to_pure_dict(nnx.state(model.encoder))
     ckpt_lib.check_same_encoder(meta, source, ckpt_lib.tree_digest(encoder_params), directory / str(step))
-    decoder_params = nnx.to_pure_dict(nnx.state(model.decoder))
+    decoder_params = nnx.to_pure_dict(nnx.state(model.decoder))  # abstract: shapes only
     tx = loop.make_optimizer(config.train, config.model.random_decoder)
-    template = loop.init_train_state(decoder_params, tx, config.seed)
-    state, _ = checkpointer.restore(step, ckpt_lib.abstract_like(template))
+    template = jax.eval_shape(lambda p: loop.init_train_state(p, tx, config.seed), decoder_params)
+    state, _ = checkpointer.restore(step, template)
     checkpointer.close()
     nnx.update(model.decoder, state.ema_params if decoder == "ema" else state.params)
     return model, config, step

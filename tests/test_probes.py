@@ -95,6 +95,23 @@ def test_bin_centres_span_depth_range():
     np.testing.assert_allclose(depth_lib.bin_centres(widths, 1.0, 9.0), [[3.0, 6.0, 8.0]])
 
 
+@pytest.mark.parametrize("encoder_dim,flowfeat_dim", [(24, 0), (0, 16), (24, 16)])
+def test_probe_shapes_for_each_feature_choice(encoder_dim, flowfeat_dim):
+    encoder = jnp.ones((2, 4, 4, 24)) if encoder_dim else None
+    flowfeat = jnp.ones((2, 32, 32, 16)) if flowfeat_dim else None
+    widths = dict(encoder_dim=encoder_dim, flowfeat_dim=flowfeat_dim)
+    seg = seg_lib.SegmentationProbe(seg_lib.SegmentationProbeConfig(num_classes=5, num_heads=4, **widths),
+                                    rngs=nnx.Rngs(0))
+    assert seg(encoder, flowfeat, (32, 32)).shape == (2, 32, 32, 5)
+    depth = depth_lib.DepthProbe(depth_lib.DepthProbeConfig(num_bins=8, num_queries=4, embed_dim=8, num_heads=2,
+                                                            token_stride=8, **widths), rngs=nnx.Rngs(0))
+    pred, centres = depth(encoder, flowfeat, (40, 40))
+    assert pred.shape == (2, 40, 40) and centres.shape == (2, 8)
+    assert bool(jnp.all((pred > 1e-3) & (pred < 10.0)))  # a convex combination of bin centres inside the range
+    with pytest.raises(ValueError, match="needs FlowFeat features, encoder features or both"):
+        seg_lib.SegmentationProbeConfig(num_classes=5)
+
+
 # --- overfitting tiny synthetic sets --------------------------------------------------------------------------------
 def _fit(probe, loss, features, batch, steps, lr):
     graphdef, state = nnx.split(probe)
@@ -290,7 +307,7 @@ def test_cli_cocostuff_smoke(tmp_path):
     _write_cocostuff(tmp_path / "coco", "train2017", 3)
     _write_cocostuff(tmp_path / "coco", "val2017", 2, seed=1)
     out = _cli("configs/probe_cocostuff.py", tmp_path / "run", f"--config.data.root={tmp_path / 'coco'}",
-               "--config.data.eval_crop=32", "--config.probe.num_heads=4", "--config.pamr.dilations=(1, 2)")
+               "--config.probe.num_heads=4", "--config.pamr.dilations=(1, 2)")
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     assert 0 <= metrics["miou"] <= 1 and 0 <= metrics["miou_pamr"] <= 1 and metrics["num_images"] == 2

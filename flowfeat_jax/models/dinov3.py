@@ -118,7 +118,10 @@ def rope_tables(grid: tuple[int, int], head_dim: int, theta: float) -> tuple[np.
     coords = np.float32(2.0) * coords - np.float32(1.0)  # (P, 2) in [-1, 1]
     angles = np.float32(2 * math.pi) * coords[:, :, None] * inv_freq[None, None, :]  # (P, 2, D/4)
     angles = np.tile(angles.reshape(h * w, -1), (1, 2))  # (P, D)
-    return np.cos(angles), np.sin(angles)
+    tables = np.cos(angles), np.sin(angles)
+    for table in tables:
+        table.setflags(write=False)  # cached: shared by every caller
+    return tables
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, num_prefix_tokens: int) -> jax.Array:

@@ -29,7 +29,8 @@ def base_probe_config() -> ml_collections.ConfigDict:
     c.data.tfds_data_dir = ""  # '' = the tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)
     c.data.num_classes = 0
     c.data.input_size = 448  # square side fed to the network; a multiple of 2 x patch (448 fits p14 and p16)
-    c.data.eval_crop = 448
+    # Segmentation labels are resized (nearest) to input_size and scored there.
+    c.data.eval_crop = 480  # depth only: side of the centred evaluation square (NYUv2: 480 x 480)
     c.data.num_workers = 8
 
     c.pamr = ml_collections.ConfigDict()

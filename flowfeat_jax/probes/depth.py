@@ -1,10 +1,12 @@
 """AdaBins-style depth probe on frozen features, its losses and the NYUv2 metrics.
 
 Head (after AdaBins, Bhat et al. CVPR 2021, shariqfarooq123/AdaBins models/unet_adaptive_bins.py and miniViT):
-  - pixel embeddings e_i = conv3x3(x)_i (E channels), the AdaBins "conv3x3" before the range-attention maps;
-  - tokens: a patch embedding conv (kernel = stride = `token_stride`) of x, the AdaBins patch embedding (on the
-    encoder grid alone the stride is 1: the tokens are the patches already), LayerNorm-ed; no positional encoding
-    (the bins are a global summary, so token order does not matter);
+  - pixel embeddings e_i (E channels): conv3x3 of the FlowFeat features (the AdaBins "conv3x3" before the
+    range-attention maps) plus a linear map of the encoder features upsampled bilinearly (see `DepthProbe.embed`);
+    encoder-only: the linear map on the token grid, and the depth map is upsampled at the end;
+  - tokens: a patch embedding conv (kernel = stride = `token_stride`) of the FlowFeat features, the AdaBins patch
+    embedding, followed by the linearly embedded encoder patches; LayerNorm-ed, no positional encoding (the bins
+    are a global summary, so token order does not matter);
   - 1 + Q learnable queries attend once to the tokens (one cross-attention block, as in the segmentation probe; it
     stands in for AdaBins' 4-layer transformer encoder whose first outputs play the same roles);
   - bin widths: attended query 0 -> MLP (E -> 256 -> LeakyReLU -> 256 -> LeakyReLU -> N) -> ReLU + 0.1 -> divided by
@@ -33,7 +35,7 @@ from flowfeat_jax.probes.segmentation import CrossAttention, resize_bilinear
 @dataclasses.dataclass(frozen=True)
 class DepthProbeConfig:
     flowfeat_dim: int = 0  # FlowFeat channels (0 = not used)
-    encoder_dim: int = 0  # encoder channels (0 = not used); with FlowFeat, upsampled and concatenated
+    encoder_dim: int = 0  # encoder channels (0 = not used)
     num_bins: int = 256
     num_queries: int = 128  # range-attention maps (AdaBins n_query_channels)
     embed_dim: int = 128
@@ -64,26 +66,40 @@ class DepthProbe(nnx.Module):
     def __init__(self, cfg: DepthProbeConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         types = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        in_dim = cfg.flowfeat_dim + cfg.encoder_dim
-        stride = cfg.token_stride if cfg.flowfeat_dim else 1
-        self.pixel_embed = nnx.Conv(in_dim, cfg.embed_dim, (3, 3), padding=1, **types)
-        self.patch_embed = nnx.Conv(in_dim, cfg.embed_dim, (stride, stride), strides=stride, padding="VALID", **types)
-        init = 0.1 * jax.random.normal(rngs.params(), (1, 1 + cfg.num_queries, cfg.embed_dim), cfg.param_dtype)
-        self.queries = nnx.Param(init / cfg.embed_dim)
-        self.token_norm = nnx.LayerNorm(cfg.embed_dim, **types)
-        self.cross_attn = CrossAttention(cfg.embed_dim, cfg.num_heads, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        width, stride = cfg.embed_dim, cfg.token_stride
+        if cfg.flowfeat_dim:
+            self.pixel_embed = nnx.Conv(cfg.flowfeat_dim, width, (3, 3), padding=1, **types)
+            self.patch_embed = nnx.Conv(cfg.flowfeat_dim, width, (stride, stride), strides=stride, padding="VALID",
+                                        **types)
+        else:
+            self.pixel_embed = self.patch_embed = None
+        self.encoder_embed = nnx.Linear(cfg.encoder_dim, width, **types) if cfg.encoder_dim else None
+        init = 0.1 * jax.random.normal(rngs.params(), (1, 1 + cfg.num_queries, width), cfg.param_dtype)
+        self.queries = nnx.Param(init / width)
+        self.token_norm = nnx.LayerNorm(width, **types)
+        self.cross_attn = CrossAttention(width, cfg.num_heads, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                          rngs=rngs)
-        self.regressor = nnx.List([nnx.Linear(cfg.embed_dim, 256, **types), nnx.Linear(256, 256, **types),
+        self.regressor = nnx.List([nnx.Linear(width, 256, **types), nnx.Linear(256, 256, **types),
                                    nnx.Linear(256, cfg.num_bins, **types)])
         self.conv_out = nnx.Linear(cfg.num_queries, cfg.num_bins, **types)
 
-    def inputs(self, encoder: jax.Array | None, flowfeat: jax.Array | None) -> jax.Array:
-        """FlowFeat features with the bilinearly upsampled encoder features concatenated, or either alone."""
-        if not self.cfg.flowfeat_dim:
-            return encoder
-        if not self.cfg.encoder_dim:
-            return flowfeat
-        return jnp.concatenate([flowfeat, resize_bilinear(encoder, flowfeat.shape[1:3]).astype(flowfeat.dtype)], -1)
+    def embed(self, encoder: jax.Array | None, flowfeat: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """Pixel embeddings (B, H, W, E) and tokens (B, T, E) of the inputs.
+
+        With both inputs the pixel embedding is conv3x3(FlowFeat) + upsample(linear(encoder)), i.e. one layer over
+        their concatenation whose encoder part is 1x1 (linear maps commute with bilinear upsampling), so the encoder
+        channels are never upsampled; the tokens are the FlowFeat patches followed by the encoder patches.
+        """
+        pixels, tokens = None, []
+        if self.cfg.flowfeat_dim:
+            pixels = self.pixel_embed(flowfeat)
+            patches = self.patch_embed(flowfeat)
+            tokens.append(patches.reshape(patches.shape[0], -1, patches.shape[-1]))
+        if self.cfg.encoder_dim:
+            grid = self.encoder_embed(encoder)
+            tokens.append(grid.reshape(grid.shape[0], -1, grid.shape[-1]))
+            pixels = grid if pixels is None else pixels + resize_bilinear(grid, pixels.shape[1:3]).astype(pixels.dtype)
+        return pixels, self.token_norm(jnp.concatenate(tokens, axis=1))
 
     def bin_widths(self, summary: jax.Array) -> jax.Array:
         """Normalised widths (B, N) from the summary query (B, E): MLP, ReLU + 0.1, divided by the sum."""
@@ -94,13 +110,11 @@ class DepthProbe(nnx.Module):
 
     def __call__(self, encoder: jax.Array | None, flowfeat: jax.Array | None,
                  out_hw: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
-        x = self.inputs(encoder, flowfeat)
-        batch = x.shape[0]
-        tokens = self.token_norm(self.patch_embed(x).reshape(batch, -1, self.cfg.embed_dim))
-        queries = jnp.broadcast_to(self.queries[...], (batch, *self.queries.shape[1:])).astype(tokens.dtype)
+        pixels, tokens = self.embed(encoder, flowfeat)
+        queries = jnp.broadcast_to(self.queries[...], (tokens.shape[0], *self.queries.shape[1:])).astype(tokens.dtype)
         attended = self.cross_attn(queries, tokens)  # (B, 1 + Q, E)
         centres = bin_centres(self.bin_widths(attended[:, 0]), self.cfg.min_depth, self.cfg.max_depth)
-        range_maps = jnp.einsum("bhwe,bqe->bhwq", self.pixel_embed(x), attended[:, 1:])
+        range_maps = jnp.einsum("bhwe,bqe->bhwq", pixels, attended[:, 1:])
         probs = jax.nn.softmax(self.conv_out(range_maps).astype(jnp.float32), axis=-1)
         depth = jnp.einsum("bhwn,bn->bhw", probs, centres)
         return resize_bilinear(depth[..., None], out_hw)[..., 0], centres

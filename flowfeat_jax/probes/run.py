@@ -45,7 +45,7 @@ def build_feature_model(config: ml_collections.ConfigDict):
     from flowfeat_jax.train import loop  # noqa: PLC0415
 
     model, source = loop.build_flowfeat(config.model, config.seed)
-    if config.features.which != "encoder":
+    if config.features.which != "encoder" or (config.task == "segmentation" and config.pamr.enabled):
         logging.warning("features.run_dir is empty: the FlowFeat decoder is randomly initialised (%s)", source)
     return model, source + ":random-decoder"
 

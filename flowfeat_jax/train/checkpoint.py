@@ -65,7 +65,10 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> tuple[Any, dict]:
         """Restores `step` into the structure of `abstract_state` (and the data iterator in place)."""
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-        if data_iterator is not None:
+        if data_iterator is not None and not (self.directory / str(step) / "data").is_dir():
+            # An imported checkpoint has no data item: the data order starts afresh.
+            logging.warning("%s holds no data-iterator state; the data order starts from the beginning", step)
+        elif data_iterator is not None:
             import grain
 
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)

@@ -37,7 +37,7 @@ class TrainingError(cli.UserError):
     """Training cannot go on (non-finite steps, a mismatched checkpoint); the message says why."""
 
 
-def encoder_config(model_cfg: ml_collections.ConfigDict) -> vit_lib.ViTConfig:
+def encoder_config(model_cfg: ml_collections.ConfigDict):
     """The config of a random-init encoder: the `encoder_arch` preset of any registered family (ViTConfig,
     DINOv3Config, ...; `models.registry`) with the non-zero `encoder_size` entries."""
     from flowfeat_jax.models import registry
@@ -49,28 +49,39 @@ def encoder_config(model_cfg: ml_collections.ConfigDict) -> vit_lib.ViTConfig:
         raise ValueError(f"model.encoder_arch: {error}") from error
 
 
-def build_flowfeat(model_cfg: ml_collections.ConfigDict, seed: int) -> tuple[flowfeat_lib.FlowFeat, str]:
-    """FlowFeat with its frozen encoder (HF weights or a seeded random init) and a freshly initialised decoder.
+def build_flowfeat(
+    model_cfg: ml_collections.ConfigDict, seed: int, *, init_decoder: bool = True
+) -> tuple[flowfeat_lib.FlowFeat, str]:
+    """FlowFeat with its frozen encoder (pretrained weights or a seeded random init) and a seeded decoder.
 
-    Returns the module and a human-readable encoder source for checkpoint metadata.
+    The model is built abstractly first, so weights that are loaded anyway are never randomly initialised; with
+    `init_decoder=False` the decoder stays abstract for the caller to fill (from a checkpoint). Returns the module and
+    a human-readable encoder source for checkpoint metadata.
     """
+    from flowfeat_jax.models import registry
+
     dtype = jnp.dtype(model_cfg.dtype)
     if model_cfg.encoder:
         from flowfeat_jax.ports import vit as vit_ports
 
         encoder = vit_ports.from_pretrained(model_cfg.encoder, dtype=dtype, pos_interp=model_cfg.pos_interp or None)
-        vit_cfg, source = encoder.cfg, model_cfg.encoder
+        encoder_cfg, source = encoder.cfg, model_cfg.encoder
     else:
-        vit_cfg = encoder_config(model_cfg)
+        encoder_cfg = encoder_config(model_cfg)
         if model_cfg.pos_interp:
-            vit_cfg = dataclasses.replace(vit_cfg, pos_interp=model_cfg.pos_interp)
-        encoder, source = None, f"random:{model_cfg.encoder_arch}:seed{seed}"
+            if not hasattr(encoder_cfg, "pos_interp"):
+                raise ValueError(f"model.pos_interp: the {model_cfg.encoder_arch} encoder has no position table")
+            encoder_cfg = dataclasses.replace(encoder_cfg, pos_interp=model_cfg.pos_interp)
+        encoder = registry.build_encoder(encoder_cfg, rngs=nnx.Rngs(seed))
+        source = f"random:{model_cfg.encoder_arch}:seed{seed}"
     cfg = flowfeat_lib.FlowFeatConfig.from_encoder(
-        vit_cfg, features=model_cfg.features, hooks=tuple(model_cfg.hooks) or None
+        encoder_cfg, features=model_cfg.features, hooks=tuple(model_cfg.hooks) or None
     )
-    model = flowfeat_lib.FlowFeat(cfg, rngs=nnx.Rngs(seed))
-    if encoder is not None:
-        nnx.update(model.encoder, nnx.state(encoder))
+    model = nnx.eval_shape(lambda: flowfeat_lib.FlowFeat(cfg, rngs=nnx.Rngs(seed)))
+    model.encoder = encoder
+    if init_decoder:
+        # Its own stream, so the decoder init does not depend on how many random numbers the encoder drew.
+        model.decoder = flowfeat_lib.DPT(cfg.decoder, rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 1)))
     return model, source
 
 
