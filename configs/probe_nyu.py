@@ -24,8 +24,9 @@ def get_config():
     c.data.input_size = 448
     c.data.eval_crop = 480
 
-    c.probe = dict(num_bins=256, num_queries=128, embed_dim=128, num_heads=4, token_stride=16, min_depth=1e-3,
-                   max_depth=10.0)
+    c.probe = dict(
+        num_bins=256, num_queries=128, embed_dim=128, num_heads=4, token_stride=16, min_depth=1e-3, max_depth=10.0
+    )
     c.loss = dict(silog_weight=1.0, grad_weight=1.0)
     c.train.lr = 3e-4
     return c

@@ -3,16 +3,13 @@
 Expected: no paper number (DINOv3 postdates FlowFeat); compare with the DINOv2/DINO rows of the same size.
 Weights: facebook/dinov3-vits16-pretrain-lvd1689m is gated on the HF hub (accept the licence, then `hf auth login`),
 or pass a local save_pretrained directory with --config.model.encoder=<dir>.
-Flow: tools/export_flow.py --videos <YouTube-VOS root> --out <records> --method searaft --checkpoint <SEA-RAFT M weights>
-Command: python -m flowfeat_jax.main --config configs/ytvos_dinov3_s16.py --workdir runs/ytvos_dinov3_s16 --config.data.records=<records>
+Flow: tools/export_flow.py --videos <YouTube-VOS root> --out <records> --method searaft --checkpoint <SEA-RAFT-M>
+Command: python -m flowfeat_jax.main --config configs/ytvos_dinov3_s16.py --workdir runs/ytvos_dinov3_s16
+    --config.data.records=<records>
 """
 
-from flowfeat_jax.config import YTVOS_NUM_VIDEOS, base_config, steps_for
+from flowfeat_jax.config import YTVOS_NUM_VIDEOS, paper_config
 
 
 def get_config():
-    config = base_config()
-    config.model.encoder = "facebook/dinov3-vits16-pretrain-lvd1689m"
-    config.model.encoder_arch = "dinov3_vits16"
-    config.train.num_steps = steps_for(YTVOS_NUM_VIDEOS, 500, config.train.batch_size)
-    return config
+    return paper_config("facebook/dinov3-vits16-pretrain-lvd1689m", "dinov3_vits16", YTVOS_NUM_VIDEOS, epochs=500)

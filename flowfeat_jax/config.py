@@ -85,3 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.short_side = 480  # evaluation input short side (rounded down to an even token grid)
     c.eval.max_frames = 0  # truncate sequences for quick checks (0 = all frames)
     return c
+
+
+def paper_config(encoder: str, encoder_arch: str, num_videos: int, epochs: int) -> ml_collections.ConfigDict:
+    """A paper setting: released defaults, a Hugging Face encoder and the step count of `epochs` reference epochs."""
+    config = base_config()
+    config.model.encoder = encoder
+    config.model.encoder_arch = encoder_arch
+    config.train.num_steps = steps_for(num_videos, epochs, config.train.batch_size)
+    return config

@@ -27,9 +27,7 @@ def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
     return directory, steps[-1]
 
 
-def load_flowfeat(
-    path: str | pathlib.Path, *, decoder: str = "ema"
-) -> tuple[FlowFeat, ml_collections.ConfigDict, int]:
+def load_flowfeat(path: str | pathlib.Path, *, decoder: str = "ema") -> tuple[FlowFeat, ml_collections.ConfigDict, int]:
     """The FlowFeat of a checkpoint with the EMA (default, the evaluated model) or the online decoder.
 
     Returns (model, config the run used, step).

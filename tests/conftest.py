@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -35,3 +36,19 @@ def davis_root() -> pathlib.Path:
             pytest.fail(f"CI is set but the DAVIS-2016 subset is missing at {DAVIS_ROOT}")
         pytest.skip(f"DAVIS-2016 subset not found at {DAVIS_ROOT}")
     return DAVIS_ROOT
+
+
+CLIP_SEQUENCES = ("blackswan", "dog-agility")
+CLIP_FRAMES = 12
+
+
+@pytest.fixture(scope="session")
+def davis_clips(davis_root, tmp_path_factory) -> pathlib.Path:
+    """A text list of two DAVIS sequences cut to their first 12 frames (copied), to keep exports fast."""
+    root = tmp_path_factory.mktemp("clips")
+    for name in CLIP_SEQUENCES:
+        (root / name).mkdir()
+        for frame in sorted((davis_root / "JPEGImages" / "480p" / name).glob("*.jpg"))[:CLIP_FRAMES]:
+            shutil.copy(frame, root / name / frame.name)
+    (root / "list.txt").write_text("\n".join(CLIP_SEQUENCES) + "\n")
+    return root / "list.txt"

@@ -17,22 +17,11 @@ from PIL import Image
 from flowfeat_jax.data import export, records
 from flowfeat_jax.flow import dis, methods
 
-SEQUENCES = ("blackswan", "dog-agility")
-NUM_FRAMES = 12
+from conftest import CLIP_FRAMES as NUM_FRAMES
+from conftest import CLIP_SEQUENCES as SEQUENCES
+
 CFG = export.ExportConfig(method="dis", frame_size=128, flow_size=64, videos_per_shard=1)
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def davis_clips(davis_root, tmp_path_factory) -> pathlib.Path:
-    """A text list of the first 12 frames of two DAVIS sequences (copied), to keep the export fast."""
-    root = tmp_path_factory.mktemp("clips")
-    for name in SEQUENCES:
-        (root / name).mkdir()
-        for frame in sorted((davis_root / "JPEGImages" / "480p" / name).glob("*.jpg"))[:NUM_FRAMES]:
-            shutil.copy(frame, root / name / frame.name)
-    (root / "list.txt").write_text("\n".join(SEQUENCES) + "\n")
-    return root / "list.txt"
 
 
 @pytest.fixture(scope="module")

@@ -13,26 +13,16 @@ from PIL import Image
 from flowfeat_jax.data import export, pipeline, records
 from flowfeat_jax.flow import dis
 
-SEQUENCES = ("blackswan", "dog-agility")
-NUM_FRAMES = 12
+from conftest import CLIP_FRAMES as NUM_FRAMES
+from conftest import CLIP_SEQUENCES as SEQUENCES
+
 CFG = export.ExportConfig(method="dis", frame_size=128, flow_size=64, videos_per_shard=1, batch_size=1)
 
 
 @pytest.fixture(scope="module")
-def clip_list(davis_root, tmp_path_factory) -> pathlib.Path:
-    root = tmp_path_factory.mktemp("clips")
-    for name in SEQUENCES:
-        (root / name).mkdir()
-        for frame in sorted((davis_root / "JPEGImages" / "480p" / name).glob("*.jpg"))[:NUM_FRAMES]:
-            shutil.copy(frame, root / name / frame.name)
-    (root / "list.txt").write_text("\n".join(SEQUENCES) + "\n")
-    return root / "list.txt"
-
-
-@pytest.fixture(scope="module")
-def exported(clip_list, tmp_path_factory) -> pathlib.Path:
+def exported(davis_clips, tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("export")
-    export.export_flows(clip_list, out, CFG, progress=False)
+    export.export_flows(davis_clips, out, CFG, progress=False)
     return out
 
 
@@ -109,7 +99,7 @@ def test_process_shards_split_the_global_sequence(exported):
     assert shards[0] == whole[0::2] and shards[1] == whole[1::2]
 
 
-def test_nonfinite_flows_are_skipped_and_counted(clip_list, exported, tmp_path):
+def test_nonfinite_flows_are_skipped_and_counted(davis_clips, exported, tmp_path):
     pair_order = [(v, t, p) for v in (0, 1) for t, p in export._video_pairs(NUM_FRAMES, CFG.gap)]
     calls = iter(pair_order)
     real = dis.DisFlow()
@@ -120,7 +110,7 @@ def test_nonfinite_flows_are_skipped_and_counted(clip_list, exported, tmp_path):
             flow[0, 0, 0, 1] = np.inf
         return flow
 
-    manifest = export.export_flows(clip_list, tmp_path, CFG, flow_fn=nan_on_even_t, progress=False)
+    manifest = export.export_flows(davis_clips, tmp_path, CFG, flow_fn=nan_on_even_t, progress=False)
     assert manifest["num_nonfinite_pairs"] == sum(t % 2 == 0 for _, t, _ in pair_order)
     clean = _samples(_dataset(exported, num_epochs=1))
     redrawn = _samples(_dataset(tmp_path, num_epochs=1))

@@ -286,14 +286,13 @@ def test_batches_resume_sequence():
 
 
 # --- CLI smoke runs (subprocesses, ~30 s each on 2 cores) ------------------------------------------------------
-TINY_MODEL = [
-    "--config.model.encoder_size.patch_size=8", "--config.model.encoder_size.hidden_size=32",
-    "--config.model.encoder_size.num_layers=4", "--config.model.encoder_size.num_heads=2",
-    "--config.model.encoder_size.mlp_dim=64", "--config.model.features=16", "--config.data.input_size=32",
-    "--config.train.steps=3", "--config.train.batch_size=2", "--config.train.log_every=1",
-    "--config.train.checkpoint_every=2", "--config.eval.batch_size=2", "--config.eval.num_pictures=2",
-    "--config.data.num_workers=2",
-]
+TINY = {
+    "model.encoder_size.patch_size": 8, "model.encoder_size.hidden_size": 32, "model.encoder_size.num_layers": 4,
+    "model.encoder_size.num_heads": 2, "model.encoder_size.mlp_dim": 64, "model.features": 16, "data.input_size": 32,
+    "train.steps": 3, "train.batch_size": 2, "train.log_every": 1, "train.checkpoint_every": 2, "eval.batch_size": 2,
+    "eval.num_pictures": 2, "data.num_workers": 2,
+}
+TINY_MODEL = [f"--config.{key}={value}" for key, value in TINY.items()]
 
 
 def _cli(config, workdir, *overrides):
@@ -335,3 +334,24 @@ def test_cli_nyu_folder_smoke(tmp_path):
     assert metrics["rmse"] > 0 and 0 <= metrics["delta1"] <= metrics["delta2"] <= metrics["delta3"] <= 1
     assert len(list((tmp_path / "run/pictures").glob("*.png"))) == 2
     assert "rmse=" in out.stdout
+
+
+@pytest.mark.slow
+def test_nyu_tfds_probe_run_mocked(tmp_path):
+    """The default NYU config (tfds source) end to end on mocked nyu_depth_v2, in process."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_nyu", "configs/probe_nyu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.update_from_flattened_dict(TINY)
+    config.features.which = "flowfeat"
+    config.train.steps = 2
+    config.probe.update(num_bins=16, num_queries=8, embed_dim=16, token_stride=8)
+    with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
+        metrics = run_lib.run(config, tmp_path)
+    assert metrics["num_images"] + metrics["invalid_images"] == 2 and metrics["features"] == "flowfeat"
+    assert np.isfinite(metrics["rmse"]) and 0 <= metrics["delta1"] <= 1
+    assert Image.open(next((tmp_path / "pictures").glob("*.png"))).size == (3 * 480, 480)

@@ -34,13 +34,25 @@ TINY = [
 
 
 def main_cmd(workdir, records, *extra):
-    return [sys.executable, "-m", "flowfeat_jax.main", *TINY, f"--workdir={workdir}", f"--config.data.records={records}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "flowfeat_jax.main",
+        *TINY,
+        f"--workdir={workdir}",
+        f"--config.data.records={records}",
+        *extra,
+    ]
 
 
 def digest(path):
     out = subprocess.run(
         [sys.executable, "tools/inspect_checkpoint.py", str(path), "--digest"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()
@@ -64,7 +76,9 @@ def test_sigkill_between_checkpoints_then_rerun_matches_uninterrupted(uninterrup
     records, full = uninterrupted
     workdir = tmp_path / "killed"
     kill_after = random.Random(0).choice([5, 6, 7])  # a step after the first checkpoint (step 4)
-    proc = subprocess.Popen(main_cmd(workdir, records), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        main_cmd(workdir, records), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
         if logged_steps(workdir) >= kill_after and (workdir / "checkpoints" / "4").is_dir():
@@ -76,7 +90,9 @@ def test_sigkill_between_checkpoints_then_rerun_matches_uninterrupted(uninterrup
     assert 4 < steps_before_kill < 12, steps_before_kill
     resumed = subprocess.run(main_cmd(workdir, records), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        int(line.split('"step": ')[1].split(",")[0]) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart] in (5, 9)  # resumed after the checkpoint at step 4 or 8, not from scratch
     full_lines, resumed_lines = digest(full), digest(workdir)
@@ -89,7 +105,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_one_line(uninterrupted, tmp_p
     workdir = tmp_path / "term"
     proc = subprocess.Popen(
         main_cmd(workdir, records, "--config.train.num_steps=400"),
-        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 600
     while logged_steps(workdir) < 2 and proc.poll() is None and time.time() < deadline:
@@ -115,6 +135,10 @@ def test_inspect_checkpoint_reports_step_encoder_and_counts(uninterrupted):
 def test_inspect_checkpoint_names_a_missing_path(tmp_path):
     out = subprocess.run(
         [sys.executable, "tools/inspect_checkpoint.py", str(tmp_path / "nope")],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 1 and str(tmp_path / "nope") in out.stderr and "Traceback" not in out.stderr

@@ -165,7 +165,12 @@ def test_synthetic_source_is_deterministic_and_exact():
 def _run_main(*args, cwd=REPO):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     return subprocess.run(
-        [sys.executable, "-m", "flowfeat_jax.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "flowfeat_jax.main", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

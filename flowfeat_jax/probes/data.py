@@ -301,9 +301,19 @@ def batches(
                 yield perm[b * batch_size : (b + 1) * batch_size]
             epoch, skip = epoch + 1, 0
 
+    def collect(indices, futures) -> dict[str, np.ndarray]:
+        items = [future.result() for future in futures]
+        batch = {key: np.stack([item[key] for item in items]) for key in items[0]}
+        batch["index"] = np.asarray(indices, np.int32)
+        return batch
+
+    # One batch ahead: the next batch loads in the worker threads while the caller uses the current one.
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        pending = None
         for indices in order():
-            items = list(pool.map(load, [int(i) for i in indices]))
-            batch = {key: np.stack([item[key] for item in items]) for key in items[0]}
-            batch["index"] = np.asarray(indices, np.int32)
-            yield batch
+            futures = [pool.submit(load, int(i)) for i in indices]
+            if pending is not None:
+                yield collect(*pending)
+            pending = (indices, futures)
+        if pending is not None:
+            yield collect(*pending)

@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 from flowfeat_jax import cli
 from flowfeat_jax.models import flowfeat as flowfeat_lib
-from flowfeat_jax.models import vit as vit_lib
 from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import sharding
 from flowfeat_jax.train import step as step_lib
