@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 class UserError(Exception):
@@ -14,14 +15,64 @@ class UserError(Exception):
 USER_ERRORS = (UserError, ValueError, OSError, KeyError)
 
 
+def one_line(error: BaseException) -> str:
+    """The message of `error` (of the innermost exception it wraps) on one line."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return " ".join(str(message).split())
+
+
+# Orbax and grain log the tracebacks of their background threads at ERROR on `absl`; after a failed save orbax's
+# leftover threads log "Event loop is closed" on `concurrent.futures` while the process exits.
+_LIBRARY_LOGGERS = ("absl", "concurrent.futures")
+
+
+class _DropLibraryErrors(logging.Filter):
+    """Drops ERROR records of the library loggers: the failure reaches run_guarded as an exception, reported once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
 def run_guarded(fn: Callable[[], object], *, prog: str, verbose: bool) -> int:
     """Runs `fn`; returns 0, or prints `prog: error: <message>` and returns 1 on a user error (re-raised if verbose)."""
+    loggers, quiet = [logging.getLogger(name) for name in _LIBRARY_LOGGERS], _DropLibraryErrors()
+    for logger in loggers if not verbose else ():
+        logger.addFilter(quiet)
     try:
         fn()
     except USER_ERRORS as e:
         if verbose:
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 1
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 1  # the filter stays: background threads of a failed save may log it again while the process exits
+    except BaseException:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+        raise
+    for logger in loggers:
+        logger.removeFilter(quiet)
     return 0
+
+
+def absl_flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
+    """A `flags_parser` for absl's app.run: a bad flag, config file or `--config.a.b=v` override (unknown key, wrong
+    type) ends in one line and exit status 2 instead of absl's two lines or a traceback (kept with --verbose)."""
+
+    def parse(argv: Sequence[str]) -> list[str]:
+        from absl import flags
+
+        try:
+            return flags.FLAGS(argv)
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+            if "--verbose" in argv:
+                raise
+            message = one_line(e)
+            if isinstance(e, (AttributeError, KeyError)):  # ml_collections: the override names no key of the config
+                culprit = [a for a in argv[1:] if a.startswith("--config.") and message.split()[0].strip("'") in a]
+                message = f"unknown config key in {culprit[0] if culprit else 'a --config override'}: {message}"
+            print(f"{prog}: error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    return parse

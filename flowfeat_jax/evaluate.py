@@ -85,4 +85,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from flowfeat_jax import cli
+
+    app.run(main, flags_parser=cli.absl_flags_parser("flowfeat_jax.evaluate"))

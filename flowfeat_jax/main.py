@@ -41,4 +41,6 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    from flowfeat_jax import cli
+
+    app.run(main, flags_parser=cli.absl_flags_parser("flowfeat_jax.main"))

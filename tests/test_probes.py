@@ -306,7 +306,8 @@ def test_cli_cocostuff_smoke(tmp_path):
     _write_cocostuff(tmp_path / "coco", "train2017", 3)
     _write_cocostuff(tmp_path / "coco", "val2017", 2, seed=1)
     out = _cli("configs/probe_cocostuff.py", tmp_path / "run", f"--config.data.root={tmp_path / 'coco'}",
-               "--config.probe.num_heads=4", "--config.pamr.dilations=(1, 2)")
+               "--config.probe.num_heads=4", "--config.pamr.dilations=(1, 2)",
+               "--config.pamr.num_iter=2")
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     assert 0 <= metrics["miou"] <= 1 and 0 <= metrics["miou_pamr"] <= 1 and metrics["num_images"] == 2
@@ -316,8 +317,6 @@ def test_cli_cocostuff_smoke(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
     pictures = sorted((tmp_path / "run/pictures").glob("*.png"))
     assert len(pictures) == 2 and Image.open(pictures[0]).size == (4 * 32, 32)  # image | gt | probe | PAMR
-    bad = _cli("configs/probe_cocostuff.py", tmp_path / "bad", f"--config.data.root={tmp_path / 'missing'}")
-    assert bad.returncode == 1 and "missing: COCO-Stuff root folder not found" in bad.stderr
 
 
 @pytest.mark.slow
@@ -336,16 +335,30 @@ def test_cli_nyu_folder_smoke(tmp_path):
     assert "rmse=" in out.stdout
 
 
+def test_missing_data_is_one_line_error(tmp_path, capsys):
+    from flowfeat_jax import cli
+
+    config = _load_config("configs/probe_cocostuff.py")
+    config.update_from_flattened_dict(TINY)
+    config.data.root = str(tmp_path / "missing")
+    assert cli.run_guarded(lambda: run_lib.run(config, tmp_path / "run"), prog="probe", verbose=False) == 1
+    assert capsys.readouterr().err.strip() == f"probe: error: {tmp_path / 'missing'}: COCO-Stuff root folder not found"
+
+
+def _load_config(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 @pytest.mark.slow
 def test_nyu_tfds_probe_run_mocked(tmp_path):
     """The default NYU config (tfds source) end to end on mocked nyu_depth_v2, in process."""
     tfds = pytest.importorskip("tensorflow_datasets")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("probe_nyu", "configs/probe_nyu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = _load_config("configs/probe_nyu.py")
     config.update_from_flattened_dict(TINY)
     config.features.which = "flowfeat"
     config.train.steps = 2

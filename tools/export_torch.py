@@ -17,24 +17,24 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="output file (.pth, or .safetensors with --safetensors)")
     parser.add_argument("--safetensors", action="store_true", help="write safetensors instead of torch.save")
     parser.add_argument("--decoder", choices=("ema", "online"), default="ema", help="which decoder (default: ema)")
+    parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from flowfeat_jax import cli
     from flowfeat_jax.ports.flowfeat import export_flowfeat  # after argument parsing, so --help answers at once
 
-    try:
+    def run() -> None:
         state, notes = export_flowfeat(args.checkpoint, args.out, decoder=args.decoder,
                                        use_safetensors=args.safetensors)
-    except (OSError, ValueError) as error:
-        print(f"export_torch: error: {error}", file=sys.stderr)
-        return 1
-    size = sum(v.size for v in state.values())
-    print(f"wrote {args.out}: {len(state)} tensors, {size / 1e6:.1f}M parameters ({args.decoder} decoder)")
-    for note in notes:
-        print(f"note: {note}")
-    return 0
+        size = sum(v.size for v in state.values())
+        print(f"wrote {args.out}: {len(state)} tensors, {size / 1e6:.1f}M parameters ({args.decoder} decoder)")
+        for note in notes:
+            print(f"note: {note}")
+
+    return cli.run_guarded(run, prog="export_torch", verbose=args.verbose)
 
 
 if __name__ == "__main__":

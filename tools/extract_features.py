@@ -32,17 +32,21 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="output .npz with `encoder` (h, w, C) float32")
     parser.add_argument("--pca", help="optional PNG of a 3-component PCA of the features")
     parser.add_argument("--pos-interp", choices=("hf", "hub"), help="--encoder position resizing (default: hf)")
+    parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
     return parser.parse_args(argv)
 
 
 def load_image(path: str, size: tuple[int, int] | None, multiple: int) -> np.ndarray:
     """RGB image resized bilinearly to `size` (default: each side rounded to a multiple of `multiple`), ImageNet
     normalised, as float32 (H, W, 3)."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if size is None:
-            size = tuple(max(multiple, round(n / multiple) * multiple) for n in (image.height, image.width))
-        resized = image.resize((size[1], size[0]), Image.BILINEAR)
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if size is None:
+                size = tuple(max(multiple, round(n / multiple) * multiple) for n in (image.height, image.width))
+            resized = image.resize((size[1], size[0]), Image.BILINEAR)
+    except (OSError, SyntaxError) as e:  # PIL: missing, truncated or unknown files
+        raise ValueError(f"cannot read image {path}: {getattr(e, 'strerror', None) or e}") from e
     return (np.asarray(resized, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
@@ -83,19 +87,22 @@ def _encoder_features(encoder: str, image_path: str, size, pos_interp) -> tuple[
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from flowfeat_jax import cli
+
+    return cli.run_guarded(lambda: extract(args), prog="extract_features", verbose=args.verbose)
+
+
+def extract(args: argparse.Namespace) -> None:
+    """Features of args.image to args.out (and PCA pictures to args.pca)."""
     from flowfeat_jax import viz  # imported here so that --help and argument errors answer at once
 
-    try:
-        for output in (args.out, args.pca):
-            if output is not None and not pathlib.Path(output).resolve().parent.is_dir():
-                raise FileNotFoundError(f"output folder of {output} does not exist")
-        if args.checkpoint:
-            arrays, patch, image = _flowfeat_features(args.checkpoint, args.image, args.size)
-        else:
-            arrays, patch, image = _encoder_features(args.encoder, args.image, args.size, args.pos_interp)
-    except (OSError, ValueError) as error:  # missing/unreadable files, bad sizes, bad checkpoints
-        print(f"extract_features: error: {error}", file=sys.stderr)
-        return 1
+    for output in (args.out, args.pca):
+        if output is not None and not pathlib.Path(output).resolve().parent.is_dir():
+            raise FileNotFoundError(f"output folder of {output} does not exist")
+    if args.checkpoint:
+        arrays, patch, image = _flowfeat_features(args.checkpoint, args.image, args.size)
+    else:
+        arrays, patch, image = _encoder_features(args.encoder, args.image, args.size, args.pos_interp)
     np.savez(args.out, **arrays)
     shapes = ", ".join(f"{name} {value.shape}" for name, value in arrays.items())
     print(f"wrote {args.out}: {shapes} from image {image.shape[0]}x{image.shape[1]}")
@@ -107,7 +114,6 @@ def main(argv=None) -> int:
             flowfeat_pca = pca.with_name(f"{pca.stem}_flowfeat{pca.suffix}")
             viz.save_png(flowfeat_pca, viz.pca_image(arrays["flowfeat"]), scale=1)
             print(f"wrote {flowfeat_pca}")
-    return 0
 
 
 if __name__ == "__main__":

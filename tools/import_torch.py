@@ -22,6 +22,7 @@ def parse_args(argv):
     parser.add_argument("--pth", required=True, help="released FlowFeat weights (.pth or .safetensors)")
     parser.add_argument("--out", required=True, help="new run directory (must not exist)")
     parser.add_argument("--config", help="experiment config: a name in configs/ or a path to a config .py file")
+    parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
     return parser.parse_args(argv)
 
 
@@ -41,16 +42,15 @@ def load_config(name: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from flowfeat_jax import cli
     from flowfeat_jax.ports.flowfeat import import_flowfeat  # after argument parsing, so --help answers at once
 
-    try:
+    def run() -> None:
         config = load_config(args.config) if args.config else None
         out = import_flowfeat(args.pth, args.out, config)
-    except (OSError, ValueError) as error:
-        print(f"import_torch: error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {out} (encoder {out / 'encoder'}, checkpoint step 0)")
-    return 0
+        print(f"wrote {out} (encoder {out / 'encoder'}, checkpoint step 0)")
+
+    return cli.run_guarded(run, prog="import_torch", verbose=args.verbose)
 
 
 if __name__ == "__main__":

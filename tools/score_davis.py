@@ -9,10 +9,10 @@ DIR/<seq>/<frame>.png (palette or greyscale object indices), prints a per-object
 
 import json
 import pathlib
-import sys
 
 from absl import app, flags
 
+from flowfeat_jax import cli
 from flowfeat_jax.eval import jf
 
 _DAVIS = flags.DEFINE_string("davis", None, "DAVIS root (with Annotations/480p and ImageSets).", required=True)
@@ -21,14 +21,11 @@ _OUT = flags.DEFINE_string("out", None, "Output JSON file.", required=True)
 _SEQUENCES = flags.DEFINE_list("sequences", None, "Sequences to score (default: the ImageSets split).")
 _SPLIT = flags.DEFINE_string("split", "val", "ImageSets split used when --sequences is not given.")
 _CSV = flags.DEFINE_string("csv", None, "Optional CSV file with the same table.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors.")
 
 
-def main(argv):
-    del argv
-    try:
-        scores = jf.score_results(_DAVIS.value, _RESULTS.value, _SEQUENCES.value, split=_SPLIT.value)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"score_davis: {error}")  # one line naming the file, no traceback
+def score() -> None:
+    scores = jf.score_results(_DAVIS.value, _RESULTS.value, _SEQUENCES.value, split=_SPLIT.value)
     print(jf.format_table(scores))
     out = pathlib.Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -37,5 +34,10 @@ def main(argv):
         jf.write_csv(scores, _CSV.value)
 
 
+def main(argv) -> int:
+    del argv
+    return cli.run_guarded(score, prog="score_davis", verbose=_VERBOSE.value)  # one line naming the file
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.absl_flags_parser("score_davis"))

@@ -128,7 +128,10 @@ def _export_files(out_dir: pathlib.Path) -> list[pathlib.Path]:
 def _prepare_out_dir(out_dir: pathlib.Path, params: dict, cfg: ExportConfig, overwrite: bool) -> None:
     """Refuses (or with ``overwrite`` deletes) an export made with other parameters; drops this worker's temporaries
     (a half-written shard of an interrupted run) and, with ``overwrite``, all of this worker's files."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create output directory {out_dir}: {e.strerror or e}") from e
     tag_part = f"-{cfg.shard_index}-of-{cfg.num_shards}-"
     own_manifest = records.manifest_name(cfg.shard_index, cfg.num_shards)
     stale = []

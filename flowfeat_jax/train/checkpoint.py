@@ -7,6 +7,7 @@ frozen encoder's source and SHA-256 digest instead of its weights (style.md sect
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import pathlib
@@ -59,8 +60,21 @@ class Checkpointer:
             import grain
 
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        with jax.transfer_guard("allow"):
+        with jax.transfer_guard("allow"), self._write_errors(step):
             return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        """A failed write (disk full, read-only folder; orbax saves in the background, so it may surface at the next
+        save or at close) in one line that names the folder; the rename-on-commit keeps earlier steps intact."""
+        try:
+            yield
+        except OSError as e:
+            what = f"checkpoint {step}" if step is not None else "the last checkpoint"
+            raise OSError(
+                f"cannot write {what} in {self.directory}: {e.strerror or e} ({e.filename or 'orbax'}); "
+                "the earlier checkpoints are intact, free space and rerun to resume"
+            ) from e
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> tuple[Any, dict]:
         """Restores `step` into the structure of `abstract_state` (and the data iterator in place)."""
@@ -72,27 +86,44 @@ class Checkpointer:
             import grain
 
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        with jax.transfer_guard("allow"):
+        with jax.transfer_guard("allow"), self._read_errors(step):
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored.state, restored.meta
 
     def restore_meta(self, step: int) -> dict:
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        with self._read_errors(step):
+            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored.meta
 
     def restore_raw(self, step: int) -> tuple[dict, dict]:
         """(state as nested dicts, meta) without a template: for inspection, not for training."""
         items = {"state": ocp.args.StandardRestore(), "meta": ocp.args.JsonRestore()}
-        with jax.transfer_guard("allow"):
+        with jax.transfer_guard("allow"), self._read_errors(step):
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored.state, restored.meta
 
+    @contextlib.contextmanager
+    def _read_errors(self, step: int):
+        """A damaged or mismatched checkpoint in one line that names its folder."""
+        try:
+            yield
+        except Exception as e:
+            if not isinstance(e, (OSError, ValueError)) and type(e) is not Exception:
+                raise  # a bug, not a damaged file
+            cause = e.__cause__ if type(e) is Exception and e.__cause__ is not None else e  # orbax wraps tensorstore's
+            message = " ".join(str(cause).split()).split(" [tensorstore_spec=")[0]
+            raise ValueError(f"cannot read checkpoint {self.directory / str(step)}: {message[:400]}") from e
+
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._write_errors(None):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        with self._write_errors(None):
+            try:
+                self._manager.wait_until_finished()
+            finally:
+                self._manager.close()  # re-raises a failed background save
 
 
 def abstract_like(tree: Any) -> Any:

@@ -278,11 +278,17 @@ def _append_jsonl(path: pathlib.Path, record: dict) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir` up to `config.train.num_steps`; returns the last logged metrics."""
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create workdir {workdir}: {e.strerror or e}; give a --workdir in a writable folder") from e
     logging.info("config:\n%s", config)
 
     model, encoder_source = build_flowfeat(config.model, config.seed)
+    try:
+        flowfeat_lib.check_token_grid(config.train.input_size, config.train.input_size, model.cfg.encoder.patch_size)
+    except ValueError as e:
+        raise ValueError(f"train.input_size: {e}") from None
     graphdef, model_state = nnx.split(model)
     pure = nnx.to_pure_dict(model_state)
     encoder_params, decoder_params = pure["encoder"], pure["decoder"]
@@ -305,6 +311,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         ckpt_lib.check_same_encoder(checkpointer.restore_meta(start), encoder_source, encoder_digest, workdir)
         state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iterator)
         logging.info("resumed from %s at step %d", checkpointer.directory, start)
+    # Written after the checks above, so a refused run leaves the config of the run in `workdir` as it was.
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     start = int(state.step)
     state, encoder_params = sharding.replicate((state, encoder_params), mesh)
 
