@@ -7,33 +7,30 @@ weights (ports.flowfeat export) for the forward, and torch_ref/train.py (eager f
 the same frames, flow and crop thetas. JAX and torch calls are interleaved iteration by iteration so a changing
 machine load hits both alike; every timed call waits for its result (block_until_ready / device sync).
 
-    result = run_benchmark(load_config("demo"), batch=4, size=(112, 112), dtype="f32", with_torch=True, steps=10)
+    result = run_benchmark(config.load_config("demo"), batch=4, size=(112, 112), dtype="f32", with_torch=True, steps=10)
     print(format_table(result))
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import pathlib
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
+from flowfeat_jax import cli
 from flowfeat_jax.models.vit import ViTConfig
-from flowfeat_jax.train import crops
-from flowfeat_jax.train import loop
+from flowfeat_jax.train import crops, loop
 from flowfeat_jax.train import step as step_lib
 
-REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 WARMUP_CALLS = 2
 METRIC_KEYS = (
@@ -51,30 +48,21 @@ PEAK_FLOPS = (
 )
 
 
-def load_config(name: str) -> ml_collections.ConfigDict:
-    """get_config() of configs/<name>.py, or of the config file at path `name`."""
-    path = pathlib.Path(name)
-    if not path.is_file():
-        path = REPO_CONFIGS / f"{name.removesuffix('.py')}.py"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in REPO_CONFIGS.glob("*.py")))
-        raise FileNotFoundError(f"no config file {name!r} (nor {path}); configs/ has: {known}")
-    spec = importlib.util.spec_from_file_location(f"flowfeat_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def peak_flops(device_kind: str, dtype: str, *, tf32: bool) -> tuple[float | None, str | None]:
+    """(peak FLOP/s, basis) of a chip for a compute dtype ('float32' | 'bfloat16'); (None, None) when unknown (CPU).
 
-
-def peak_flops(device_kind: str, dtype: str) -> tuple[float | None, str | None]:
-    """(peak FLOP/s, basis) of a chip for a compute dtype ('float32' | 'bfloat16'); (None, None) when unknown (CPU)."""
+    `tf32`: f32 matmuls run on TF32 tensor cores (XLA's default on these GPUs; torch's only with allow_tf32).
+    """
     for name, table in PEAK_FLOPS:
         if name in device_kind:
-            if dtype == "bfloat16":
-                return table["bfloat16"], "bfloat16"
-            precise = jax.config.jax_default_matmul_precision in ("highest", "float32")
-            basis = "float32" if precise else "tf32"
+            basis = "bfloat16" if dtype == "bfloat16" else "tf32" if tf32 else "float32"
             return table[basis], basis
     return None, None
+
+
+def jax_uses_tf32() -> bool:
+    """Whether XLA may run f32 matmuls in TF32 (its GPU default unless the matmul precision is raised)."""
+    return jax.config.jax_default_matmul_precision not in ("highest", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +133,8 @@ def measure_peak_rss(calls: Sequence[Callable[[], Any]]) -> dict[str, float | No
     for call in calls:
         call()
     peak = _proc_status_mb("VmHWM")
-    return {"peak_rss_mb": peak, "peak_rss_rise_mb": peak - before if peak and before else None}
+    rise = max(peak - before, 0.0) if peak and before else None  # RSS read just after the reset may exceed VmHWM
+    return {"peak_rss_mb": peak, "peak_rss_rise_mb": rise}
 
 
 def jax_peak_memory_mb(device: jax.Device) -> float | None:
@@ -267,7 +256,7 @@ class TorchSide:
         self.torch, self.device = torch, torch.device(device)
         config = jax_side.config
         if not isinstance(jax_side.model.cfg.encoder, ViTConfig):
-            raise ValueError(f"--torch needs a DINO / DINOv2 / MAE ViT encoder, not {config.model.encoder_arch}")
+            raise cli.UserError(f"--torch needs a DINO / DINOv2 / MAE ViT encoder, not {config.model.encoder_arch}")
         weights = {k: np.array(v) for k, v in flowfeat_ports.flowfeat_state_dict(jax_side.model).items()}
         heads = jax_side.model.cfg.encoder.num_heads
         self.model = torch_flowfeat.load_torch_flowfeat(weights, heads).to(self.device).eval()
@@ -367,7 +356,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: int | None = None
     dtype_name = {v: k for k, v in DTYPES.items()}.get(config.model.dtype, config.model.dtype)
     device = jax.devices()[0]
     threads = xla_thread_count()
-    peak, peak_basis = peak_flops(device.device_kind, config.model.dtype)
+    peak, peak_basis = peak_flops(device.device_kind, config.model.dtype, tf32=jax_uses_tf32())
 
     jax_side = JaxSide(config, (side, side))
     calls = {"jax_step": jax_side.step}
@@ -420,7 +409,10 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: int | None = None
         torch_rss = measure_peak_rss([torch_side.step, lambda: torch_side.infer(batch)])
         train_flops = torch_side.flops(torch_side.step)
         infer_flops = torch_side.flops(lambda: torch_side.infer(batch))
-        torch_peak = peak_flops(device.device_kind, "float32")[0] if torch_side.device.type == "cuda" else None
+        torch_peak = None
+        if torch_side.device.type == "cuda":
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch_peak = peak_flops(torch.cuda.get_device_name(torch_side.device), "float32", tf32=tf32)[0]
         torch_result = _side_metrics(batch, train_t["torch_step"], infer_t["torch"], infer_b_t["torch"], None,
                                      torch_side.peak_memory_mb(), train_flops, torch_peak)
         torch_result.update(
@@ -446,8 +438,9 @@ def _fmt(value) -> str:
 def format_table(result: dict) -> str:
     """A plain-text table of the main numbers (and torch/JAX ratios when torch ran)."""
     sides = [s for s in ("jax", "torch") if s in result]
-    rows = [f"{result['config']}  device {result['device']}  batch {result['batch']}  size {result['size']}  "
-            f"dtype {result['dtype']}  threads {result['threads']}  load {result['load_avg'][0]:.2f}"]
+    title = (f"{result['config']}  device {result['device']}  batch {result['batch']}  size {result['size']}  "
+             f"dtype {result['dtype']}  threads {result['threads']}  load {result['load_avg'][0]:.2f}")
+    rows = [title]
     header = f"{'metric':<18}" + "".join(f"{s:>12}" for s in sides) + ("   torch/jax" if len(sides) == 2 else "")
     rows.append(header)
     for key in (*METRIC_KEYS, "infer_flops_per_img", "peak_rss_mb", "peak_rss_rise_mb", "first_loss"):

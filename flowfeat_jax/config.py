@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import ml_collections
+
+# configs/ of a source checkout (the editable install the README uses).
+REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 # YouTube-VOS 2019 train has 3,471 videos. An epoch is max(#videos, 10 * batch) samples (recipe.md step 10).
 YTVOS_NUM_VIDEOS = 3471
@@ -94,3 +100,17 @@ def paper_config(encoder: str, encoder_arch: str, num_videos: int, epochs: int) 
     config.model.encoder_arch = encoder_arch
     config.train.num_steps = steps_for(num_videos, epochs, config.train.batch_size)
     return config
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+    """get_config() of configs/<name>.py, or of the config file at path `name`."""
+    path = pathlib.Path(name)
+    if not path.is_file():
+        path = REPO_CONFIGS / f"{name.removesuffix('.py')}.py"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in REPO_CONFIGS.glob("*.py")))
+        raise FileNotFoundError(f"no config file {name!r} (nor {path}); configs/ has: {known}")
+    spec = importlib.util.spec_from_file_location(f"flowfeat_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -35,12 +35,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin against XLA's
     from flowfeat_jax import bench, cli
+    from flowfeat_jax.config import load_config
 
     def run():
         out = pathlib.Path(args.out)
         if not out.absolute().parent.is_dir():
             raise FileNotFoundError(f"output folder of {out} does not exist")
-        config = bench.load_config(args.config)
+        config = load_config(args.config)
         result = bench.run_benchmark(config, batch=args.batch, size=args.size, dtype=args.dtype,
                                      with_torch=args.torch, steps=args.steps, config_name=args.config)
         out.write_text(json.dumps(result, indent=2) + "\n")

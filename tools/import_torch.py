@@ -10,11 +10,7 @@ training settings, head count and DINO/MAE choice. Nothing is written when the f
 """
 
 import argparse
-import importlib.util
-import pathlib
 import sys
-
-REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def parse_args(argv):
@@ -26,23 +22,10 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def load_config(name: str):
-    """get_config() of configs/<name>.py, or of the config file at path `name`."""
-    path = pathlib.Path(name)
-    if not path.is_file():
-        path = REPO_CONFIGS / f"{name.removesuffix('.py')}.py"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in REPO_CONFIGS.glob("*.py")))
-        raise FileNotFoundError(f"no config file {name!r} (nor {path}); configs/ has: {known}")
-    spec = importlib.util.spec_from_file_location(f"flowfeat_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from flowfeat_jax import cli
+    from flowfeat_jax.config import load_config
     from flowfeat_jax.ports.flowfeat import import_flowfeat  # after argument parsing, so --help answers at once
 
     def run() -> None:

@@ -99,8 +99,12 @@ def focal_gradient_loss(pred: torch.Tensor, target: torch.Tensor, sigma: float) 
         weight = weight / weight.sum((-1, -2), keepdim=True)
         return (weight * (pred_edges - target_edges).abs()).sum((-1, -2)).mean()
 
-    grad_x = lambda f: (f[..., :-1] - f[..., 1:]).abs()  # noqa: E731
-    grad_y = lambda f: (f[..., :-1, :] - f[..., 1:, :]).abs()  # noqa: E731
+    def grad_x(f):
+        return (f[..., :-1] - f[..., 1:]).abs()
+
+    def grad_y(f):
+        return (f[..., :-1, :] - f[..., 1:, :]).abs()
+
     return axis_term(grad_x(pred), grad_x(target)) + axis_term(grad_y(pred), grad_y(target))
 
 
