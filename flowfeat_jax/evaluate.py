@@ -4,8 +4,8 @@ r"""DAVIS evaluation of encoder and FlowFeat features: label propagation (knn) a
 
 `--workdir` is a run (or imported) directory with a checkpoint; the EMA decoder is evaluated. Instead of a
 checkpoint, `--config` builds the model it names (its encoder, a random decoder): encoder-only baselines and the
-untrained-decoder baseline need no training. Writes `<out>/<features>/<protocol>/` (result PNGs, overlays, SCORES.json, scores.csv), `<out>/pca/` and
-`<out>/table.md` + `<out>/table.csv`, and prints the table.
+untrained-decoder baseline need no training. Writes `<out>/<features>/<protocol>/` (result PNGs, overlays,
+SCORES.json, scores.csv), `<out>/pca/` and `<out>/table.md` + `<out>/table.csv`, and prints the table.
 """
 
 from __future__ import annotations

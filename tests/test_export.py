@@ -12,13 +12,12 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from conftest import CLIP_FRAMES as NUM_FRAMES
+from conftest import CLIP_SEQUENCES as SEQUENCES
 from PIL import Image
 
 from flowfeat_jax.data import export, records
 from flowfeat_jax.flow import dis, methods
-
-from conftest import CLIP_FRAMES as NUM_FRAMES
-from conftest import CLIP_SEQUENCES as SEQUENCES
 
 CFG = export.ExportConfig(method="dis", frame_size=128, flow_size=64, videos_per_shard=1)
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

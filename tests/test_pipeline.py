@@ -1,20 +1,18 @@
 """Grain pipeline over a DIS export of two 12-frame DAVIS clips: batches, sampling, state, sharding, bad records."""
 
 import io
-import json
 import itertools
+import json
 import pathlib
 import shutil
 
 import numpy as np
 import pytest
+from conftest import CLIP_FRAMES as NUM_FRAMES
 from PIL import Image
 
 from flowfeat_jax.data import export, pipeline, records
 from flowfeat_jax.flow import dis
-
-from conftest import CLIP_FRAMES as NUM_FRAMES
-from conftest import CLIP_SEQUENCES as SEQUENCES
 
 CFG = export.ExportConfig(method="dis", frame_size=128, flow_size=64, videos_per_shard=1, batch_size=1)
 

@@ -37,7 +37,8 @@ def inspect(path: str, digest: bool) -> None:
     print(f"step: {int(state['step'])} of {train.get('num_steps')}")
     print(f"encoder: {encoder.get('source')} (digest {str(encoder.get('digest'))[:16]})")
     print(
-        f"model: features {model.get('features')}, hooks {model.get('hooks') or 'default'}, dtype {model.get('dtype')}; "
+        f"model: features {model.get('features')}, hooks {model.get('hooks') or 'default'}, "
+        f"dtype {model.get('dtype')}; "
         f"train: batch {train.get('batch_size')}, lr {train.get('lr')}, crops {train.get('input_size')}"
     )
     print(f"parameters: decoder {count(state['params']):,}, EMA {count(state['ema_params']):,}")

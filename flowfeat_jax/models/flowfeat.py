@@ -11,8 +11,8 @@ from typing import NamedTuple
 import jax
 from flax import nnx
 
-from flowfeat_jax.models.dpt import DPT, DPTConfig, check_token_grid
 from flowfeat_jax.models import registry
+from flowfeat_jax.models.dpt import DPT, DPTConfig, check_token_grid
 from flowfeat_jax.models.vit import ViTConfig, patch_tokens
 
 

@@ -135,8 +135,9 @@ def check_same_encoder(meta: dict, encoder_source: str, encoder_digest: str, pat
     """Refuses to resume a run onto a different frozen encoder (issue 4, item 3)."""
     saved = meta.get("encoder", {})
     if saved.get("digest") != encoder_digest:
+        saved_digest = str(saved.get("digest"))[:12]
         raise ValueError(
-            f"{path}: checkpoint was trained on encoder {saved.get('source')!r} (digest {str(saved.get('digest'))[:12]}), "
+            f"{path}: checkpoint was trained on encoder {saved.get('source')!r} (digest {saved_digest}), "
             f"but this run builds {encoder_source!r} (digest {encoder_digest[:12]}); use another --workdir"
         )
     logging.info("encoder matches checkpoint: %s", encoder_source)

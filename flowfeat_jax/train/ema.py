@@ -17,6 +17,7 @@ leaves of the trees here are left as they are in the EMA tree.
 import jax
 import jax.numpy as jnp
 
+
 def ema_decay(
     update_count: jax.Array | int,
     beta: float = 0.999,

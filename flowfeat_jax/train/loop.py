@@ -185,7 +185,11 @@ def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
 
 
 def validate(
-    eval_cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, encoder_params: Any, ema_params: Any, out_dir: pathlib.Path
+    eval_cfg: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    encoder_params: Any,
+    ema_params: Any,
+    out_dir: pathlib.Path,
 ) -> dict[str, float]:
     """Periodic DAVIS validation of the EMA teacher (the evaluated model): {"eval/<protocol>/<score>": value}."""
     from flowfeat_jax.eval import features
@@ -281,7 +285,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(f"cannot create workdir {workdir}: {e.strerror or e}; give a --workdir in a writable folder") from e
+        raise OSError(
+            f"cannot create workdir {workdir}: {e.strerror or e}; give a --workdir in a writable folder"
+        ) from e
     logging.info("config:\n%s", config)
 
     model, encoder_source = build_flowfeat(config.model, config.seed)
@@ -322,7 +328,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     last: dict[str, float] = {}
     watch = NonFiniteWatch(config.train.max_nonfinite)
     bar = tqdm(
-        range(start, num_steps), initial=start, total=num_steps, desc="train", unit="step", disable=jax.process_index() > 0
+        range(start, num_steps),
+        initial=start,
+        total=num_steps,
+        desc="train",
+        unit="step",
+        disable=jax.process_index() > 0,
     )
     tick, tick_step = time.perf_counter(), start
     with StopSignals() as stop:
