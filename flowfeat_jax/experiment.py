@@ -46,8 +46,11 @@ def results_markdown(results: Results) -> str:
         cells = []
         for p in protocols:
             jf = f"{by_protocol[p]['JF_mean']:.3f}"
-            cells += [f"**{jf}**" if by_protocol[p]["JF_mean"] == best[p] else jf,
-                      f"{by_protocol[p]['J_mean']:.3f}", f"{by_protocol[p]['F_mean']:.3f}"]
+            cells += [
+                f"**{jf}**" if by_protocol[p]["JF_mean"] == best[p] else jf,
+                f"{by_protocol[p]['J_mean']:.3f}",
+                f"{by_protocol[p]['F_mean']:.3f}",
+            ]
         lines.append(f"| {ROW_LABELS.get(row, row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -99,13 +102,18 @@ def loss_curve(metrics_path: str | pathlib.Path, path: str | pathlib.Path, keys:
         raise ValueError(f"{metrics_path}: no logged {', '.join(keys)}")
     steps = np.array([r["step"] for r in records], float)
     left, top, plot_w, plot_h = 60, 30, 520, 240
-    image = Image.new("RGB", (left + plot_w + 20, top + plot_h + 40 + 16 * len(keys)), (255, 255, 255))
+    image = Image.new("RGB", (left + plot_w + 30, top + plot_h + 44 + 16 * len(keys)), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     values = np.array([[r[k] for k in keys] for r in records], float)
     low, high = float(values.min()), float(values.max())
     span = max(high - low, 1e-12)
-    x_of = lambda s: left + (s - steps.min()) / max(steps.max() - steps.min(), 1) * plot_w  # noqa: E731
-    y_of = lambda v: top + (1 - (v - low) / span) * plot_h  # noqa: E731
+
+    def x_of(step):
+        return left + (step - steps.min()) / max(steps.max() - steps.min(), 1) * plot_w
+
+    def y_of(value):
+        return top + (1 - (value - low) / span) * plot_h
+
     for tick in np.linspace(low, high, 5):
         draw.line([(left, y_of(tick)), (left + plot_w, y_of(tick))], fill=(225, 225, 225))
         _text(draw, (left - 6, y_of(tick)), f"{tick:.3f}", anchor="rm")
@@ -113,9 +121,18 @@ def loss_curve(metrics_path: str | pathlib.Path, path: str | pathlib.Path, keys:
     colours = [(0, 114, 178), (213, 94, 0), (0, 158, 115)]
     for i, key in enumerate(keys):
         points = [(x_of(s), y_of(v)) for s, v in zip(steps, values[:, i])]
-        draw.line(points, fill=colours[i % 3], width=2) if len(points) > 1 else draw.point(points, fill=colours[i % 3])
-        _text(draw, (left, top + plot_h + 24 + 16 * i), f"{key} (train, step {int(steps[0])}..{int(steps[-1])})")
-    _text(draw, (left + plot_w, top + plot_h + 6), "step", anchor="ra")
+        draw.line(points + points[-1:], fill=colours[i % 3], width=2)  # a lone point still draws
+        y = top + plot_h + 30 + 16 * i
+        draw.rectangle([left, y - 5, left + 10, y + 5], fill=colours[i % 3])
+        _text(
+            draw,
+            (left + 16, y),
+            f"{key} (logged every {int(steps[1] - steps[0]) if len(steps) > 1 else 1} steps)",
+            anchor="lm",
+        )
+    for tick in np.linspace(steps.min(), steps.max(), 5):
+        _text(draw, (x_of(tick), top + plot_h + 4), f"{tick:.0f}", anchor="ma")
+    _text(draw, (left + plot_w, top + plot_h + 16), "step", anchor="ra")
     _text(draw, (left, 8), "training loss")
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,8 +154,9 @@ def pca_comparison(models: dict, frames: Sequence[np.ndarray], input_hw: Sequenc
         outputs = {row: fn(resized[None]) for row, fn in feature_fns.items()}
         encoder = outputs["flowfeat"]["encoder"][0]
         encoder_rgb = np.asarray(Image.fromarray(viz.pca_image(encoder)).resize(hw[::-1], Image.NEAREST))
-        pictures = [resized, encoder_rgb] + [viz.pca_image(outputs[row]["flowfeat"][0]) for row in ("untrained",
-                                                                                                  "flowfeat")]
+        pictures = [resized, encoder_rgb] + [
+            viz.pca_image(outputs[row]["flowfeat"][0]) for row in ("untrained", "flowfeat")
+        ]
         rows.append(np.concatenate(pictures, axis=1))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
@@ -180,15 +198,22 @@ def run_experiment(
 
     trained, _, step = inference.load_flowfeat(workdir, decoder="ema")
     untrained, _ = loop.build_flowfeat(config.model, config.seed)
-    common = dict(split=split, sequences=sequences, protocols=protocols, short_side=config.eval.short_side,
-                  max_frames=config.eval.max_frames or None)
+    common = {
+        "split": split,
+        "sequences": sequences,
+        "protocols": protocols,
+        "short_side": config.eval.short_side,
+        "max_frames": config.eval.max_frames or None,
+    }
     start = time.perf_counter()
-    scores = features_lib.evaluate_davis(trained, davis_root, out_dir / "eval" / "trained",
-                                         feature_kinds=("encoder", "flowfeat"), **common)
+    scores = features_lib.evaluate_davis(
+        trained, davis_root, out_dir / "eval" / "trained", feature_kinds=("encoder", "flowfeat"), **common
+    )
     timings["eval_trained_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    untrained_scores = features_lib.evaluate_davis(untrained, davis_root, out_dir / "eval" / "untrained",
-                                                   feature_kinds=("flowfeat",), **common)
+    untrained_scores = features_lib.evaluate_davis(
+        untrained, davis_root, out_dir / "eval" / "untrained", feature_kinds=("flowfeat",), **common
+    )
     timings["eval_untrained_s"] = time.perf_counter() - start
     results = {"encoder": scores["encoder"], "untrained": untrained_scores["flowfeat"], "flowfeat": scores["flowfeat"]}
 
@@ -200,8 +225,11 @@ def run_experiment(
         for row, by_protocol in results.items():
             for protocol, s in by_protocol.items():
                 f.write(f"{row},{protocol},{s['JF_mean']:.6f},{s['J_mean']:.6f},{s['F_mean']:.6f}\n")
-    bar_chart(results, out_dir / "bar_chart.png",
-              title=f"DAVIS-2016 {split} ({len(sequences)} sequences), FlowFeat after {step} steps")
+    bar_chart(
+        results,
+        out_dir / "bar_chart.png",
+        title=f"DAVIS-2016 {split} ({len(sequences)} sequences), FlowFeat after {step} steps",
+    )
     loss_curve(workdir / "metrics.jsonl", out_dir / "loss.png", keys=("loss", "grad_loss"))
 
     multiple, short_side = features_lib.davis_input_geometry(trained.cfg.encoder.patch_size, config.eval.short_side)
@@ -210,8 +238,15 @@ def run_experiment(
     sizes = [davis.davis_input_size(*f.shape[:2], multiple=multiple, short_side=short_side) for f in frames]
     viz.save_png(out_dir / "pca.png", pca_comparison({"untrained": untrained, "flowfeat": trained}, frames, sizes))
 
-    facts = {"step": step, "sequences": sequences, "split": split, "protocols": list(protocols),
-             "short_side": short_side, "max_frames": config.eval.max_frames, "timings": timings,
-             "results": results}
+    facts = {
+        "step": step,
+        "sequences": sequences,
+        "split": split,
+        "protocols": list(protocols),
+        "short_side": short_side,
+        "max_frames": config.eval.max_frames,
+        "timings": timings,
+        "results": results,
+    }
     (out_dir / "results.json").write_text(json.dumps(facts, indent=2) + "\n")
     return results

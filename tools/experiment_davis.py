@@ -21,7 +21,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a clean clone without installing
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/davis_small.py).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config (configs/davis_small.py).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file stem>).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the table and pictures (default: <workdir>/experiment).")
 _DAVIS = flags.DEFINE_string("davis", None, "DAVIS root to evaluate on (default: the root of config.data.videos).")

@@ -146,7 +146,11 @@ def make_train_step(
             nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
             nonfinite_total=(state.nonfinite_total + (~finite).astype(jnp.int32)),
         )
-        metrics = dict(terms, grad_norm=grad_norm, ema_decay=decay, finite=finite)
+        # The schedule's decay at this step (what a lerp would use now), not the 1.0 of steps that skip the update.
+        schedule_decay = ema.ema_decay(
+            state.step + 1, cfg.ema_beta, cfg.ema_power, cfg.ema_inv_gamma, update_after_step=cfg.ema_update_after_step
+        )
+        metrics = dict(terms, grad_norm=grad_norm, ema_decay=schedule_decay, ema_updated=decay < 1.0, finite=finite)
         return new_state, metrics
 
     return train_step
