@@ -18,7 +18,7 @@ Command: python tools/experiment_davis.py --config configs/davis_small.py --work
 
 import pathlib
 
-from flowfeat_jax.config import base_config
+from flowfeat_jax.config import cpu_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DAVIS = REPO.parent / "shared" / "data" / "davis2016"
@@ -28,25 +28,12 @@ def get_config(davis_root: str | None = None):
     root = pathlib.Path(davis_root) if davis_root else DEFAULT_DAVIS
     if not root.is_absolute():
         root = REPO / root
-    config = base_config()
-    config.model.encoder_arch = "dinov2_vits14"
-    config.model.encoder_size.hidden_size = 96
-    config.model.encoder_size.num_layers = 4
-    config.model.encoder_size.num_heads = 4
-    config.model.encoder_size.mlp_dim = 384
-    config.model.features = 64
+    config = cpu_config()
     config.data.videos = f"{root}:train"
-    config.data.frame_size = 224
-    config.data.flow_size = 112
-    config.data.num_workers = 0
-    config.train.input_size = 112
-    config.train.batch_size = 8
     config.train.num_steps = 600
-    config.train.lr = 3e-4  # released 1e-4; a few thousand images need the faster rate to move the decoder
     config.train.log_every = 20
     config.train.checkpoint_every = 100
     config.train.keep_checkpoints = 10  # every 100 steps, to follow the scores over training
     config.eval.davis = ""  # no validation while training; the experiment evaluates on `root`'s val split
-    config.eval.short_side = 224  # 224 x 392 (patch 14), not 476 x 840: a ~4.5x cheaper linear probe
     config.eval.max_frames = 30  # first 30 frames per val sequence (28 scored)
     return config

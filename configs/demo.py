@@ -10,30 +10,17 @@ Command: python -m flowfeat_jax.main --config configs/demo.py
 import pathlib
 
 import flowfeat_jax
-from flowfeat_jax.config import base_config
+from flowfeat_jax.config import cpu_config
 
 DEMO_CLIP = pathlib.Path(flowfeat_jax.__file__).parent / "assets" / "demo_clip"
 
 
 def get_config():
-    config = base_config()
-    config.model.encoder_arch = "dinov2_vits14"
-    config.model.encoder_size.hidden_size = 96
-    config.model.encoder_size.num_layers = 4
-    config.model.encoder_size.num_heads = 4
-    config.model.encoder_size.mlp_dim = 384
-    config.model.features = 64
+    config = cpu_config()
     config.data.videos = f"{DEMO_CLIP}:demo"
-    config.data.frame_size = 224
-    config.data.flow_size = 112
-    config.data.num_workers = 0
-    config.train.input_size = 112
-    config.train.batch_size = 8
     config.train.num_steps = 150
-    config.train.lr = 3e-4  # higher than the released 1e-4 so a short run moves visibly
     config.train.log_every = 10
     config.train.checkpoint_every = 50
     config.eval.davis = str(DEMO_CLIP)
     config.eval.split = "demo"
-    config.eval.short_side = 224
     return config

@@ -93,6 +93,27 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def cpu_config() -> ml_collections.ConfigDict:
+    """Released loss, ridge and EMA settings with a model and crops small enough for two CPU cores (demo and
+    davis_small): a random-init ViT-S/14 shape cut to width 96 and 4 blocks, d = 64, 224-px frames, 112-px flow and
+    crops, batch 8, lr 3e-4 (released 1e-4: a few thousand images need the faster rate to move the decoder)."""
+    config = base_config()
+    config.model.encoder_arch = "dinov2_vits14"
+    config.model.encoder_size.hidden_size = 96
+    config.model.encoder_size.num_layers = 4
+    config.model.encoder_size.num_heads = 4
+    config.model.encoder_size.mlp_dim = 384
+    config.model.features = 64
+    config.data.frame_size = 224
+    config.data.flow_size = 112
+    config.data.num_workers = 0
+    config.train.input_size = 112
+    config.train.batch_size = 8
+    config.train.lr = 3e-4
+    config.eval.short_side = 224  # 224 x 392 inputs (patch 14) for DAVIS frames
+    return config
+
+
 def paper_config(encoder: str, encoder_arch: str, num_videos: int, epochs: int) -> ml_collections.ConfigDict:
     """A paper setting: released defaults, a Hugging Face encoder and the step count of `epochs` reference epochs."""
     config = base_config()
