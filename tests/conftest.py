@@ -52,3 +52,21 @@ def davis_clips(davis_root, tmp_path_factory) -> pathlib.Path:
             shutil.copy(frame, root / name / frame.name)
     (root / "list.txt").write_text("\n".join(CLIP_SEQUENCES) + "\n")
     return root / "list.txt"
+
+
+def save_hf_models(build, kinds, tmp_path_factory) -> dict:
+    """kind -> (torch model, directory written by save_pretrained) for tiny `transformers` models built by `build`."""
+    models = {}
+    for kind in kinds:
+        model = build(kind)
+        directory = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(directory)
+        models[kind] = (model, directory)
+    return models
+
+
+def random_images(height, width, batch=2, seed=0):
+    """Deterministic NHWC float32 test images."""
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal((batch, height, width, 3)).astype(np.float32)

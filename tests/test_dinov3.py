@@ -14,6 +14,7 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
+from conftest import random_images, save_hf_models
 from PIL import Image
 
 from flowfeat_jax.config import base_config
@@ -55,18 +56,7 @@ def _tiny_hf(kind: str, num_layers: int = 2) -> transformers.DINOv3ViTModel:
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    """kind -> (torch model, directory written by save_pretrained)."""
-    models = {}
-    for kind in KINDS:
-        model = _tiny_hf(kind)
-        directory = tmp_path_factory.mktemp(kind)
-        model.save_pretrained(directory)
-        models[kind] = (model, directory)
-    return models
-
-
-def _images(height, width, batch=2, seed=0):
-    return np.random.default_rng(seed).standard_normal((batch, height, width, 3)).astype(np.float32)
+    return save_hf_models(_tiny_hf, KINDS, tmp_path_factory)
 
 
 def _torch_outputs(model, images):
@@ -83,7 +73,7 @@ def test_parity_every_stage(hf_models, kind, size):
     torch_model, directory = hf_models[kind]
     model = from_pretrained(directory)
     assert isinstance(model, DINOv3)
-    images = _images(*size)
+    images = random_images(*size)
     expected_embed, expected_blocks, expected_final = _torch_outputs(torch_model, images)
     tokens, grid = model.embed(jnp.asarray(images))
     np.testing.assert_allclose(np.asarray(tokens), expected_embed, atol=TOL, rtol=0, err_msg="embeddings")
@@ -110,7 +100,7 @@ def test_rope_tables_match_transformers(grid):
 def test_hooks_order_early_stop_and_patch_tokens(hf_models):
     torch_model, directory = hf_models["plain"]
     model = from_pretrained(directory)
-    images = _images(64, 96, batch=1)
+    images = random_images(64, 96, batch=1)
     _, expected_blocks, _ = _torch_outputs(torch_model, images)
     out = forward(model, jnp.asarray(images), hooks=(1, 0))
     np.testing.assert_allclose(np.asarray(out.hidden_states[0]), expected_blocks[1], atol=TOL, rtol=0)
@@ -135,7 +125,7 @@ def test_in_memory_names_load(hf_models, tmp_path):
     assert any(k.startswith("model.layer.0.") for k in state)
     safetensors.numpy.save_file(state, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
-    images = jnp.asarray(_images(64, 64, batch=1))
+    images = jnp.asarray(random_images(64, 64, batch=1))
     ours = forward(from_pretrained(tmp_path), images).last_hidden_state
     reference = forward(from_pretrained(directory), images).last_hidden_state
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
@@ -233,7 +223,7 @@ def test_flowfeat_forward_with_dinov3_encoder(hf_models):
     assert isinstance(model.encoder, DINOv3)
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
     load_hf_state_dict(model.encoder, state)
-    images = _images(64, 96)
+    images = random_images(64, 96)
     _, expected_blocks, _ = _torch_outputs(torch_model, images)
     features = model.encode(jnp.asarray(images))
     prefix = cfg.encoder.num_prefix_tokens

@@ -10,6 +10,7 @@ import safetensors.numpy
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import random_images, save_hf_models
 
 from flowfeat_jax.models.vit import ViTConfig, bicubic_resize_matrix, forward, patch_tokens, resize_pos_table
 from flowfeat_jax.ports.vit import from_pretrained, hf_key_table, vit_config_from_hf
@@ -47,18 +48,7 @@ KINDS = ["dinov2", "dinov2_swiglu", "dinov2_registers", "dino", "mae"]
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    """kind -> (torch model, directory written by save_pretrained)."""
-    models = {}
-    for kind in KINDS:
-        model = _tiny_hf(kind)
-        directory = tmp_path_factory.mktemp(kind)
-        model.save_pretrained(directory)
-        models[kind] = (model, directory)
-    return models
-
-
-def _images(height, width, batch=2, seed=0):
-    return np.random.default_rng(seed).standard_normal((batch, height, width, 3)).astype(np.float32)
+    return save_hf_models(_tiny_hf, KINDS, tmp_path_factory)
 
 
 def _torch_hidden_states(model, images):
@@ -81,7 +71,7 @@ def _torch_hidden_states(model, images):
 def test_parity_every_block(hf_models, kind, size):
     torch_model, directory = hf_models[kind]
     model = from_pretrained(directory)
-    images = _images(*size)
+    images = random_images(*size)
     expected_blocks, expected_final = _torch_hidden_states(torch_model, images)
     out = forward(model, jnp.asarray(images))
     assert len(out.hidden_states) == len(expected_blocks) == 2
@@ -95,7 +85,7 @@ def test_parity_every_block(hf_models, kind, size):
 def test_hooks_order_and_early_stop(hf_models):
     torch_model, directory = hf_models["dinov2_registers"]
     model = from_pretrained(directory)
-    images = _images(112, 168, batch=1)
+    images = random_images(112, 168, batch=1)
     expected_blocks, _ = _torch_hidden_states(torch_model, images)
     out = forward(model, jnp.asarray(images), hooks=(1, 0))
     np.testing.assert_allclose(np.asarray(out.hidden_states[0]), expected_blocks[1], atol=TOL, rtol=0)
@@ -123,7 +113,7 @@ def test_in_memory_names_and_wrapper_prefix_load(hf_models, tmp_path):
         target.mkdir()
         safetensors.numpy.save_file(state, target / "model.safetensors")
         (target / "config.json").write_text((directory / "config.json").read_text())
-        images = _images(112, 112, batch=1)
+        images = random_images(112, 112, batch=1)
         ours = forward(from_pretrained(target), jnp.asarray(images)).last_hidden_state
         reference = forward(from_pretrained(directory), jnp.asarray(images)).last_hidden_state
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
@@ -190,7 +180,7 @@ def test_bad_image_size_names_nearest_valid(hf_models):
 
 def test_bf16_compute_close_to_f32(hf_models):
     directory = hf_models["dino"][1]
-    images = jnp.asarray(_images(112, 112, batch=1))
+    images = jnp.asarray(random_images(112, 112, batch=1))
     full = forward(from_pretrained(directory), images).last_hidden_state
     half = forward(from_pretrained(directory, dtype=jnp.bfloat16), images).last_hidden_state
     assert half.dtype == jnp.bfloat16
