@@ -192,7 +192,8 @@ def test_bf16_compute_keeps_f32_params_and_stays_close():
     err = np.abs(np.asarray(got, np.float32) - np.asarray(_decode(source, grids, (56, 84))[1])).max()
     assert err < 0.1, f"bf16 vs f32 max abs error {err}"
     # Every layer carries the compute dtype, and param_dtype reaches every parameter (abstract init, no compute).
-    layers = [m for _, m in nnx.iter_modules(half) if isinstance(m, (dpt.Conv, dpt.PatchUpsample, nnx.Conv, nnx.LayerNorm))]
+    layer_types = (dpt.Conv, dpt.PatchUpsample, nnx.Conv, nnx.LayerNorm)
+    layers = [m for _, m in nnx.iter_modules(half) if isinstance(m, layer_types)]
     assert len(layers) == 4 + 3 + 4 + 4 * 4 + 3 + 1
     assert all(layer.dtype == jnp.bfloat16 for layer in layers)
     bf16_cfg = dataclasses.replace(half.cfg, param_dtype=jnp.bfloat16)

@@ -1,4 +1,4 @@
-"""The DAVIS experiment (flowfeat_jax/experiment.py, tools/experiment_davis.py, configs/davis_small*.py), smoke-sized."""
+"""The DAVIS experiment (flowfeat_jax/experiment.py, tools/experiment_davis.py, configs/davis_small*.py), smoke size."""
 
 import importlib.util
 import json

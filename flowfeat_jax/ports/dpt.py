@@ -2,7 +2,8 @@
 
 Torch names are those of the reference DecodeDPT (model.py, util/dpt_blocks.py) without the `decoder.` prefix of a
 FlowFeat checkpoint. Layouts: Conv2d (O, I, kh, kw) → (kh, kw, I, O); ConvTranspose2d (I, O, kh, kw) →
-(kh, kw, O, I) for models.dpt.PatchUpsample (as nnx.ConvTranspose(transpose_kernel=True)); both are the permutation (2, 3, 1, 0).
+(kh, kw, O, I) for models.dpt.PatchUpsample (the layout of nnx.ConvTranspose(transpose_kernel=True)); both are the
+permutation (2, 3, 1, 0).
 LayerNorm `weight` → `scale`.
 """
 
