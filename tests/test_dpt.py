@@ -216,7 +216,7 @@ def test_tap_weight_grad_matches_lax(kernel_size):
 def test_dpt_gradients_match_torch(monkeypatch, tap_threshold):
     """d⟨D(hooked), g⟩ / dθ for every weight equals torch autograd on the twin, through either weight-gradient path
     of the 3×3 convs, the matmul 1×1 convs and the matmul patch upsampling."""
-    monkeypatch.setattr(dpt, "_TAP_WEIGHT_GRAD_MIN_MACS", tap_threshold)
+    monkeypatch.setattr(dpt, "_TAP_WEIGHT_GRAD_MIN_ELEMENTS", tap_threshold)
     hw = (4 * 14, 6 * 14)
     reference = _torch_decoder(32, TINY_WIDTHS, 16, 14, seed=4)
     ours = load_dpt_state_dict(_nnx_decoder(32, TINY_WIDTHS, 16, 14), reference.state_dict())

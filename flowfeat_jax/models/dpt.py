@@ -186,13 +186,14 @@ def _torch_uniform_init(fan_in: int) -> nnx.Initializer:
 # gradient (H×W wide), which runs far below matmul speed on large maps: at B·H·W = 4·224², 128 channels, 1.0 s for
 # a 1×1 kernel vs 72 ms as one matmul; 3×3 at 4·224², 128 channels, 2.8 s vs 0.65 s as 9 tap matmuls; a ConvTranspose
 # 4×4/4 at 4·16², 384 channels, 2.2 s for forward+backward vs 0.14 s as one matmul (2 threads). So 1×1 convolutions
-# and the patch upsampling are written as matmuls everywhere, and the 3×3 weight gradient is taken per tap on CPU
-# when it is large enough to win.
+# and the patch upsampling are written as matmuls everywhere, and large 3×3 weight gradients are taken per tap on CPU.
 # --------------------------------------------------------------------------------------------------------------------
 
-# XLA:CPU's weight gradient vs `tap_weight_grad`, B·H·W·Cin·Cout multiply-adds per tap (2 threads): 2^28: 0.7x as
-# fast, 2^29–2^29.6: 0.5–1.3x, 2^30: 1.2–3x, 2^31.6 (4·224², 128 channels): 4.3x. Taps from 2^30 on.
-_TAP_WEIGHT_GRAD_MIN_MACS = 2**30
+# XLA:CPU computes a weight gradient as a convolution whose kernel is the output gradient; it slows down once that
+# gradient outgrows the caches. Ratio of its time to `tap_weight_grad`'s (2 threads), by output-gradient elements
+# B·H·W·Cout: below 2^22 0.5–1.03 (19 shapes, 64–384 channels, sides 56–224); from 2^22 1.07–1.35, from 2^23 2.8–4.3
+# (4·224², 128 channels: 2.8 s vs 0.65 s). Taps from 2^22 on.
+_TAP_WEIGHT_GRAD_MIN_ELEMENTS = 2**22
 
 
 def _lax_same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -236,8 +237,7 @@ def _spatial_conv_bwd(residuals, grad_out):
     def xla_weight_grad(x, grad_out):
         return jax.vjp(lambda weights: _lax_same_conv(x, weights), kernel)[1](grad_out)[0]
 
-    macs = math.prod(x.shape) * grad_out.shape[-1]
-    if macs < _TAP_WEIGHT_GRAD_MIN_MACS:
+    if grad_out.size < _TAP_WEIGHT_GRAD_MIN_ELEMENTS:
         return grad_x, xla_weight_grad(x, grad_out)
     grad_kernel = jax.lax.platform_dependent(
         x, grad_out, cpu=lambda x, g: tap_weight_grad(x, g, kernel.shape[0]), default=xla_weight_grad
@@ -252,7 +252,7 @@ def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 convolution with torch padding k // 2 of x (B, H, W, Cin) by kernel (k, k, Cin, Cout), k odd.
 
     1×1 is one 2-D matmul (so its weight gradient is one too); larger kernels are lax convolutions whose weight
-    gradient comes from `tap_weight_grad` on CPU above `_TAP_WEIGHT_GRAD_MIN_MACS`.
+    gradient comes from `tap_weight_grad` on CPU from `_TAP_WEIGHT_GRAD_MIN_ELEMENTS` on.
     """
     if kernel.shape[0] == 1:
         rows = x.reshape(-1, x.shape[-1]) @ kernel.reshape(kernel.shape[2:])
