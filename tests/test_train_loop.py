@@ -215,13 +215,17 @@ def test_paper_configs_hold_released_defaults(name):
 
 
 def test_run_after_keeps_values_and_a_dependency_that_survives_compilation():
-    """run_after orders the student pass after the ridge solve by a data dependency: values pass unchanged, and the
-    compiled program still reads the dependency (a NaN dependency reaches the output; XLA folding 0·d would stop it)."""
-    tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((4,), jnp.bfloat16)}
+    """run_after orders the student pass after the ridge solve by a per-example data dependency: values pass
+    unchanged, and the compiled program still reads the dependency (a NaN row reaches its own example, and only it;
+    XLA folding 0·d would stop it)."""
+    tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((2, 2, 2), jnp.bfloat16)}
     run_after = jax.jit(step_lib.run_after)
-    same = run_after(tree, jnp.full((2, 3), 7.0))
+    same = run_after(tree, jnp.full((2, 5, 2), 7.0))
     for key in tree:
         assert same[key].dtype == tree[key].dtype
         np.testing.assert_array_equal(np.asarray(same[key]), np.asarray(tree[key]))
-    poisoned = run_after(tree, jnp.array([jnp.nan, 1.0]))
-    assert all(np.isnan(np.asarray(leaf, np.float32)).all() for leaf in jax.tree.leaves(poisoned))
+    poisoned = run_after(tree, jnp.array([[jnp.nan, 1.0], [1.0, 1.0]]))
+    for key in tree:
+        leaf = np.asarray(poisoned[key], np.float32)
+        assert np.isnan(leaf[0]).all(), key
+        np.testing.assert_array_equal(leaf[1], np.asarray(tree[key][1], np.float32))

@@ -80,9 +80,11 @@ def flow_objective(cfg: StepConfig, pred: jax.Array, target: jax.Array) -> dict[
 def run_after(tree: PyTree, dependency: jax.Array) -> PyTree:
     """`tree` unchanged (x + 0·d), but computed only once `dependency` is: a data dependency that XLA keeps (it does
     not fold float multiplies by zero), where jax.lax.optimization_barrier does not order XLA:CPU's concurrent thunk
-    executor. A non-finite dependency makes the tree non-finite, which the step's guard then discards."""
-    zero = 0 * jnp.ravel(dependency)[0]
-    return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
+    executor. Leaves and `dependency` share the leading (batch) axis and each example depends only on its own row,
+    so nothing crosses devices under batch sharding; a non-finite row makes that example non-finite (the step's guard
+    then discards the step, as it would for the non-finite prediction anyway)."""
+    zero = 0 * dependency.reshape(dependency.shape[0], -1)[:, 0]
+    return jax.tree.map(lambda x: x + zero.reshape(-1, *(1,) * (x.ndim - 1)).astype(x.dtype), tree)
 
 
 def make_train_step(
