@@ -189,10 +189,10 @@ def _torch_uniform_init(fan_in: int) -> nnx.Initializer:
 # and the patch upsampling are written as matmuls everywhere, and large 3×3 weight gradients are taken per tap on CPU.
 # --------------------------------------------------------------------------------------------------------------------
 
-# XLA:CPU computes a weight gradient as a convolution whose kernel is the output gradient; it slows down once that
-# gradient outgrows the caches. Ratio of its time to `tap_weight_grad`'s (2 threads), by output-gradient elements
-# B·H·W·Cout: below 2^22 0.5–1.03 (19 shapes, 64–384 channels, sides 56–224); from 2^22 1.07–1.35, from 2^23 2.8–4.3
-# (4·224², 128 channels: 2.8 s vs 0.65 s). Taps from 2^22 on.
+# That convolution slows down once its kernel, the output gradient, outgrows the caches. Ratio of its time to
+# `tap_weight_grad`'s (2 threads), by output-gradient elements B·H·W·Cout: below 2^22 0.5–1.03 (19 shapes, 64–384
+# channels, sides 56–224); from 2^22 1.07–1.35, from 2^23 2.8–4.3 (4·224², 128 channels: 2.8 s vs 0.65 s). Taps from
+# 2^22 on.
 _TAP_WEIGHT_GRAD_MIN_ELEMENTS = 2**22
 
 
