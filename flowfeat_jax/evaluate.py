@@ -2,7 +2,8 @@ r"""DAVIS evaluation of encoder and FlowFeat features: label propagation (knn) a
 
   python -m flowfeat_jax.evaluate --workdir runs/demo --davis ../shared/data/davis2016 --protocols knn,linear
 
-`--workdir` is a run (or imported) directory with a checkpoint; the EMA decoder is evaluated. Instead of a
+`--workdir` is a run (or imported) directory with a checkpoint; its online decoder is evaluated (as the reference
+validates and releases it; `--decoder ema` for the teacher). Instead of a
 checkpoint, `--config` builds the model it names (its encoder, a random decoder): encoder-only baselines and the
 untrained-decoder baseline need no training. Writes `<out>/<features>/<protocol>/` (result PNGs, overlays,
 SCORES.json, scores.csv), `<out>/pca/` and `<out>/table.md` + `<out>/table.csv`, and prints the table.
@@ -26,7 +27,14 @@ _FEATURES = flags.DEFINE_list("features", ["encoder", "flowfeat"], "encoder and/
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval_davis).")
 _SHORT_SIDE = flags.DEFINE_integer("short_side", 480, "Input short side (rounded down to an even token grid).")
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "Truncate sequences (0 = all frames).")
-_DECODER = flags.DEFINE_enum("decoder", "ema", ["ema", "online"], "Which decoder of the checkpoint.")
+_DECODER = flags.DEFINE_enum("decoder", "online", ["online", "ema"], "Which decoder of the checkpoint (the reference "
+                             "evaluates the online one).")
+_KNN_STREAMS = flags.DEFINE_enum("knn_streams", "both", ["both", "flowfeat"], "KNN of flowfeat rows: both = encoder + "
+                                 "pooled FlowFeat streams averaged (supp. B.1); flowfeat = pooled FlowFeat alone.")
+_KNN_SCALE = flags.DEFINE_enum("knn_scale", "1", ["1", "2"], "KNN grid: 1 = encoder patch grid; 2 = 2x finer (Tab. 6).")
+_PROBE_ENCODER_GRID = flags.DEFINE_enum("probe_encoder_grid", "patch", ["patch", "input"], "Encoder-only linear "
+                                        "probe on the patch grid (paper) or on upsampled features at the input size.")
+_FRAMES_PER_CALL = flags.DEFINE_integer("frames_per_call", 4, "Frames per compiled chunk (memory vs. dispatches).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors.")
 
 
@@ -41,6 +49,8 @@ def write_table_csv(results: dict, path: pathlib.Path) -> None:
 
 def run() -> pathlib.Path:
     from flowfeat_jax.eval import features
+    from flowfeat_jax.eval.knn import KnnSettings
+    from flowfeat_jax.eval.linear_probe import ProbeSettings
     from flowfeat_jax.inference import load_flowfeat
 
     if not _DAVIS.value:
@@ -66,6 +76,9 @@ def run() -> pathlib.Path:
         feature_kinds=_FEATURES.value,
         short_side=_SHORT_SIDE.value,
         max_frames=_MAX_FRAMES.value or None,
+        knn_settings=KnnSettings(streams=_KNN_STREAMS.value, scale=int(_KNN_SCALE.value)),
+        probe_settings=ProbeSettings(encoder_grid=_PROBE_ENCODER_GRID.value),
+        frames_per_call=_FRAMES_PER_CALL.value,
     )
     table = features.results_table(results)
     (out / "table.md").write_text(table + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from collections.abc import Callable, Sequence
 
@@ -10,10 +11,12 @@ import jax
 import numpy as np
 
 from flowfeat_jax import viz
+from flowfeat_jax.eval import davis, vos
+from flowfeat_jax.eval.knn import KnnSettings
+from flowfeat_jax.eval.linear_probe import ProbeSettings
+from flowfeat_jax.eval.vos import FEATURE_KINDS
 from flowfeat_jax.models.flowfeat import FlowFeat
 from flowfeat_jax.train.step import normalize_images
-
-FEATURE_KINDS = ("encoder", "flowfeat")
 
 
 def davis_input_geometry(patch_size: int, short_side: int = 480) -> tuple[int, int]:
@@ -26,37 +29,50 @@ def davis_input_geometry(patch_size: int, short_side: int = 480) -> tuple[int, i
     return multiple, short_side // grid_multiple * grid_multiple
 
 
+@functools.cache
+def model_feature_fn(graphdef: nnx.GraphDef, with_decoder: bool = True) -> vos.FeatureFn:
+    """`feature_fn(state, frames uint8 (B, H, W, 3)) -> (encoder (B, h, w, C), flowfeat (B, H, W, d) or None)`.
+
+    Traceable; cached per graph so every sequence, row and validation round reuses one compiled program.
+    `with_decoder=False` skips the decoder (encoder-only rows).
+    """
+
+    def feature_fn(state, frames):
+        model = nnx.merge(graphdef, state)
+        images = normalize_images(frames)
+        if not with_decoder:
+            return model.encode(images).final, None
+        return model(images)
+
+    return feature_fn
+
+
+@functools.cache
+def _jitted_features(graphdef: nnx.GraphDef, with_decoder: bool):
+    return jax.jit(model_feature_fn(graphdef, with_decoder))
+
+
 def make_feature_fn(model: FlowFeat, kind: str = "flowfeat") -> Callable[[np.ndarray], dict]:
-    """`feature_fn(frames uint8 (B, H, W, 3)) -> {"encoder": (B, h, w, C), "flowfeat": (B, H, W, d) or None}`.
+    """`feature_fn(frames uint8 (B, H, W, 3)) -> {"encoder": (B, h, w, C), "flowfeat": (B, H, W, d) or None}` on the
+    host, for pictures and feature dumps (one jit per model graph, not per call).
 
     kind "encoder" skips the decoder (encoder-feature baselines); "flowfeat" returns both.
     """
     if kind not in FEATURE_KINDS:
         raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def encoder_only(state, frames):
-        return nnx.merge(graphdef, state).encode(normalize_images(frames)).final
-
-    @jax.jit
-    def both(state, frames):
-        return nnx.merge(graphdef, state)(normalize_images(frames))
+    features = _jitted_features(graphdef, kind == "flowfeat")
 
     def feature_fn(frames: np.ndarray) -> dict:
-        if kind == "encoder":
-            return {"encoder": np.asarray(encoder_only(state, frames)), "flowfeat": None}
-        encoder, flowfeat = both(state, frames)
-        return {"encoder": np.asarray(encoder), "flowfeat": np.asarray(flowfeat)}
+        encoder, flowfeat = features(state, frames)
+        return {"encoder": np.asarray(encoder), "flowfeat": None if flowfeat is None else np.asarray(flowfeat)}
 
     return feature_fn
 
 
 def feature_picture(model: FlowFeat, frame: np.ndarray, path: str | pathlib.Path, input_hw: tuple[int, int]) -> None:
     """One PNG: the frame | PCA of encoder features | PCA of FlowFeat features, all at the input size."""
-    from PIL import Image
-
-    resized = np.asarray(Image.fromarray(frame).resize(input_hw[::-1], Image.BILINEAR))
+    resized = vos.resize_frames(frame[None], input_hw)[0]
     features = make_feature_fn(model, "flowfeat")(resized[None])
     encoder_rgb = viz.pca_image(features["encoder"][0])
     scale = input_hw[0] // encoder_rgb.shape[0]
@@ -76,31 +92,40 @@ def evaluate_davis(
     feature_kinds: Sequence[str] = ("flowfeat",),
     short_side: int = 480,
     max_frames: int | None = None,
+    knn_settings: KnnSettings = KnnSettings(),
+    probe_settings: ProbeSettings = ProbeSettings(),
+    frames_per_call: int = 4,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Scores every feature kind under every protocol; returns {kind: {protocol: global J&F scores}}.
 
+    All rows share one pass over each sequence (`vos.segment_sequence`: encoder features computed once per frame).
     Writes `out_dir/<kind>/<protocol>/` (result PNGs, overlays, SCORES.json, scores.csv via `vos`) and one PCA
     picture per sequence, `out_dir/pca/<sequence>.png` (frame | encoder | FlowFeat).
     """
-    from flowfeat_jax.eval import davis, vos
-
     out_dir = pathlib.Path(out_dir)
-    multiple, short_side = davis_input_geometry(model.cfg.encoder.patch_size, short_side)
+    patch_size = model.cfg.encoder.patch_size
+    multiple, short_side = davis_input_geometry(patch_size, short_side)
     sequences = list(sequences) if sequences else davis.list_sequences(davis_root, split)
-    results = {}
-    for kind in feature_kinds:
-        scores = vos.evaluate_sequences(
-            make_feature_fn(model, kind),
-            davis_root,
-            sequences,
-            protocols,
-            out_dir / kind,
-            split=split,
-            max_frames=max_frames,
-            input_multiple=multiple,
-            short_side=short_side,
-        )
-        results[kind] = {protocol: score["global"] for protocol, score in scores.items()}
+    graphdef, state = nnx.split(model)
+    scores = vos.evaluate_sequences(
+        model_feature_fn(graphdef, "flowfeat" in feature_kinds),
+        state,
+        davis_root,
+        sequences,
+        out_dir,
+        patch_size=patch_size,
+        kinds=tuple(feature_kinds),
+        protocols=tuple(protocols),
+        split=split,
+        max_frames=max_frames,
+        input_multiple=multiple,
+        short_side=short_side,
+        knn_settings=knn_settings,
+        probe_settings=probe_settings,
+        frames_per_call=frames_per_call,
+    )
+    results = {kind: {protocol: score["global"] for protocol, score in by_protocol.items()}
+               for kind, by_protocol in scores.items()}
     for sequence in sequences:
         frame = davis.read_frames(davis_root, sequence, max_frames=1)[0]
         input_hw = davis.davis_input_size(*frame.shape[:2], multiple=multiple, short_side=short_side)
