@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import pathlib
 from collections.abc import Callable, Sequence
 
@@ -29,27 +28,30 @@ def davis_input_geometry(patch_size: int, short_side: int = 480) -> tuple[int, i
     return multiple, short_side // grid_multiple * grid_multiple
 
 
-@functools.cache
-def model_feature_fn(graphdef: nnx.GraphDef, with_decoder: bool = True) -> vos.FeatureFn:
-    """`feature_fn(state, frames uint8 (B, H, W, 3)) -> (encoder (B, h, w, C), flowfeat (B, H, W, d) or None)`.
+_FEATURE_FNS: dict = {}  # (model config, with_decoder) -> (feature_fn, its jitted host form)
 
-    Traceable; cached per graph so every sequence, row and validation round reuses one compiled program.
+
+def model_feature_fns(model: FlowFeat, with_decoder: bool = True) -> tuple[vos.FeatureFn, Callable]:
+    """`feature_fn(state, frames uint8 (B, H, W, 3)) -> (encoder (B, h, w, C), flowfeat (B, H, W, d) or None)` and
+    its `jax.jit`, for models of this architecture.
+
+    Kept per model config (its graph; `nnx.GraphDef` itself is unhashable when a layer stores a list), so every
+    sequence, row, model of the same architecture and validation round reuses one compiled program.
     `with_decoder=False` skips the decoder (encoder-only rows).
     """
+    key = (model.cfg, with_decoder)
+    if key not in _FEATURE_FNS:
+        graphdef = nnx.graphdef(model)
 
-    def feature_fn(state, frames):
-        model = nnx.merge(graphdef, state)
-        images = normalize_images(frames)
-        if not with_decoder:
-            return model.encode(images).final, None
-        return model(images)
+        def feature_fn(state, frames):
+            merged = nnx.merge(graphdef, state)
+            images = normalize_images(frames)
+            if not with_decoder:
+                return merged.encode(images).final, None
+            return merged(images)
 
-    return feature_fn
-
-
-@functools.cache
-def _jitted_features(graphdef: nnx.GraphDef, with_decoder: bool):
-    return jax.jit(model_feature_fn(graphdef, with_decoder))
+        _FEATURE_FNS[key] = (feature_fn, jax.jit(feature_fn))
+    return _FEATURE_FNS[key]
 
 
 def make_feature_fn(model: FlowFeat, kind: str = "flowfeat") -> Callable[[np.ndarray], dict]:
@@ -60,8 +62,8 @@ def make_feature_fn(model: FlowFeat, kind: str = "flowfeat") -> Callable[[np.nda
     """
     if kind not in FEATURE_KINDS:
         raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
-    graphdef, state = nnx.split(model)
-    features = _jitted_features(graphdef, kind == "flowfeat")
+    state = nnx.state(model)
+    _, features = model_feature_fns(model, kind == "flowfeat")
 
     def feature_fn(frames: np.ndarray) -> dict:
         encoder, flowfeat = features(state, frames)
@@ -106,10 +108,9 @@ def evaluate_davis(
     patch_size = model.cfg.encoder.patch_size
     multiple, short_side = davis_input_geometry(patch_size, short_side)
     sequences = list(sequences) if sequences else davis.list_sequences(davis_root, split)
-    graphdef, state = nnx.split(model)
     scores = vos.evaluate_sequences(
-        model_feature_fn(graphdef, "flowfeat" in feature_kinds),
-        state,
+        model_feature_fns(model, "flowfeat" in feature_kinds)[0],
+        nnx.state(model),
         davis_root,
         sequences,
         out_dir,
