@@ -78,7 +78,8 @@ def test_separable_features_segment_every_frame():
     predicted = linear_probe.linear_probe_segment(flowfeat, encoder, labels[0], (h, w))
     np.testing.assert_array_equal(predicted, labels)
     # Encoder-only probing at the input size: the informative features now come in as the "encoder" grid.
-    predicted = linear_probe.linear_probe_segment(None, flowfeat, labels[0], (h, w), ProbeSettings(encoder_grid="input"))
+    input_grid = ProbeSettings(encoder_grid="input")
+    predicted = linear_probe.linear_probe_segment(None, flowfeat, labels[0], (h, w), input_grid)
     np.testing.assert_array_equal(predicted, labels)
 
 

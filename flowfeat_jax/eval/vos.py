@@ -134,7 +134,8 @@ def sequence_programs(feature_fn: FeatureFn, kinds: tuple[str, ...], protocols: 
                     labels[f"{kind}/knn"] = knn.soft_to_labels(mean.reshape(*grid_hw, -1), stride, rows, cols)
                 return queues, labels
 
-            queues, knn_labels = jax.lax.scan(one_frame, carry["queues"], {name: streams[name] for name in streams_used})
+            targets = {name: streams[name] for name in streams_used}
+            queues, knn_labels = jax.lax.scan(one_frame, carry["queues"], targets)
             carry = {**carry, "queues": queues}
             outputs.update(knn_labels)
         for kind in probe_kinds:
