@@ -143,6 +143,7 @@ def ensure_records(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -
     export_cfg = export.ExportConfig(
         method=data_cfg.method,
         checkpoint=data_cfg.checkpoint or None,
+        iters=data_cfg.iters or None,
         gap=data_cfg.gap,
         frame_size=data_cfg.frame_size,
         flow_size=data_cfg.flow_size,
@@ -178,6 +179,7 @@ def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
             seed=config.seed,
             worker_count=data.num_workers,
             read_threads=data.prefetch,
+            timeflip=data.timeflip,
         )
         it = iter(dataset)
         return it, it
