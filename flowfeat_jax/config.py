@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.protocols = "knn"  # comma-separated: knn, linear
     c.eval.every = 0  # validate every N steps (0 = only after the last step)
     c.eval.keep_best = False  # also keep the checkpoint of the best J&F (first of eval.protocols) in workdir/best
+    c.eval.decoder = "online"  # decoder validated: 'online' (reference train.py, the released model) | 'ema'
     c.eval.short_side = 480  # evaluation input short side (rounded down to an even token grid)
     c.eval.max_frames = 0  # truncate sequences for quick checks (0 = all frames)
     return c

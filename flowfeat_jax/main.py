@@ -20,6 +20,27 @@ def default_workdir(config_path: str) -> str:
     return os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
 
 
+def davis_validation(eval_cfg):
+    """The train loop's validation: the FlowFeat rows of `eval.protocols` on `eval.davis` (sequences, sizes)."""
+
+    def validate(model, out_dir) -> dict[str, float]:
+        from flowfeat_jax.eval import features
+
+        results = features.evaluate_davis(
+            model,
+            eval_cfg.davis,
+            out_dir,
+            split=eval_cfg.split,
+            sequences=[s for s in eval_cfg.sequences.split(",") if s],
+            protocols=[p for p in eval_cfg.protocols.split(",") if p],
+            short_side=eval_cfg.short_side,
+            max_frames=eval_cfg.max_frames or None,
+        )
+        return {f"eval/{p}/{k}": v for p, scores in results["flowfeat"].items() for k, v in scores.items()}
+
+    return validate
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -33,7 +54,7 @@ def main(argv: list[str]) -> int:
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
 
     def train():
-        final = loop.train(config, workdir)
+        final = loop.train(config, workdir, validate=davis_validation(config.eval) if config.eval.davis else None)
         print(f"done: {workdir} " + " ".join(f"{k}={v:.4g}" for k, v in final.items()))
 
     return cli.run_guarded(train, prog="flowfeat_jax.main", verbose=_VERBOSE.value)
