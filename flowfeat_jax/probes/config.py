@@ -15,7 +15,7 @@ def base_probe_config() -> ml_collections.ConfigDict:
 
     c.features = ml_collections.ConfigDict()
     c.features.run_dir = ""  # trained FlowFeat run dir (or one checkpoints/<step>); '' = build from `model`
-    c.features.decoder = "ema"  # 'ema' (the evaluated model) | 'online'
+    c.features.decoder = "online"  # 'online' (the released model, recipe.md step 12) | 'ema' (the EMA teacher)
     c.features.which = "both"  # 'encoder' | 'flowfeat' | 'both'
     c.model = base_config().model  # used when features.run_dir is '': encoder name/dir, or a random architecture
 
