@@ -10,9 +10,7 @@ Key/value downsampling: the paper pools the FlowFeat maps inside the cross-atten
 we pool by 4 (256 -> 64 x 64 = 4096 keys, still 16 x the patch-16 token grid): the keys only form 27 attended
 query vectors, while every pixel's logit keeps its full-resolution feature. `--config.probe.downscale=1` attends
 to every pixel (the reference code's default). `data.train_list` / `data.eval_list` select the curated PiCIE/STEGO
-subsets. Earlier settings of this project (448 crops, AdamW 1e-3 with cosine decay, 10k steps, batch 16, rings):
-`--config.data.eval_crop=448 --config.train.optimizer=adamw_cosine --config.train.lr=1e-3 ...` (not measured
-against the paper settings).
+subsets.
 
 Command:
   python -m flowfeat_jax.probe --config configs/probe_cocostuff.py \
@@ -38,7 +36,6 @@ def get_config():
 
     c.train.steps = 100_000
     c.train.batch_size = 32
-    c.train.optimizer = "adam"
     c.train.lr = 1e-4
     c.train.weight_decay = 1e-3
 

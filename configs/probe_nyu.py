@@ -4,9 +4,7 @@ Paper settings (recipe.md "Evaluation"): frozen features of a trained FlowFeat r
 gradient loss on NYUv2 train; Adam lr 1e-4 with weight decay 1e-5, batch 16, up to 100k steps; scored on 480 x 480
 centre crops of the test images (the centre square of the 480 x 640 frame, Eigen crop, valid depth in (1e-3, 10) m):
 RMSE, AbsRel, delta1..3. The network sees the crop at the largest multiple of 2 x patch <= 480 (480 for patch 16,
-476 for patch 14); predictions are resized back to 480 x 480. Earlier settings of this project (448 input, AdamW
-3e-4 with cosine decay, 10k steps): `--config.data.input_size=448 --config.train.optimizer=adamw_cosine
---config.train.lr=3e-4 --config.train.weight_decay=1e-4 --config.train.steps=10000` (not measured against these).
+476 for patch 14); predictions are resized back to 480 x 480.
 
 Commands:
   python -m flowfeat_jax.probe --config configs/probe_nyu.py --config.features.run_dir=runs/ytvos_dinov2_s14
@@ -33,7 +31,6 @@ def get_config():
     c.loss = dict(silog_weight=1.0, grad_weight=1.0)
     c.train.steps = 100_000
     c.train.batch_size = 16
-    c.train.optimizer = "adam"
     c.train.lr = 1e-4
     c.train.weight_decay = 1e-5
     return c

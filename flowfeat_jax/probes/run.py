@@ -1,8 +1,8 @@
 """Train and evaluate a dense probe on frozen features from one experiment config (configs/probe_*.py).
 
 `run(config, workdir)` builds the frozen feature model (a trained FlowFeat run dir, or `config.model`: an encoder by
-HF name / local dir, or a random architecture for smoke runs), trains the probe with `train.optimizer` (the paper's
-Adam with L2 weight decay at a constant lr, or AdamW with a cosine-decayed lr),
+HF name / local dir, or a random architecture for smoke runs), trains the probe with the paper's Adam (L2 weight
+decay, constant lr),
 checkpoints it with orbax (resuming from `workdir/checkpoints`), evaluates, and writes `metrics.json` and prediction
 pictures under `workdir/pictures/`. Features are computed on the fly inside the jitted step (no gradient reaches
 the feature model).
@@ -110,14 +110,9 @@ def input_sizes(data_cfg: ml_collections.ConfigDict, patch_size: int) -> tuple[i
 
 
 def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """'adam': the paper's probes (torch Adam: L2 weight decay added to the gradient, constant lr); 'adamw_cosine':
-    decoupled weight decay and a cosine decay of the lr to 0 over `steps` (this project's earlier setting)."""
-    if train_cfg.optimizer == "adam":
-        return optax.chain(optax.add_decayed_weights(train_cfg.weight_decay), optax.adam(train_cfg.lr))
-    if train_cfg.optimizer == "adamw_cosine":
-        schedule = optax.cosine_decay_schedule(train_cfg.lr, max(train_cfg.steps, 1))
-        return optax.adamw(schedule, weight_decay=train_cfg.weight_decay)
-    raise ValueError(f"train.optimizer must be 'adam' or 'adamw_cosine', got {train_cfg.optimizer!r}")
+    """The paper's probe optimiser, torch Adam with weight decay: the L2 term joins the gradient before the moments;
+    constant lr."""
+    return optax.chain(optax.add_decayed_weights(train_cfg.weight_decay), optax.adam(train_cfg.lr))
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
