@@ -185,7 +185,7 @@ def run_experiment(
     Writes into `out_dir`: `table.md`, `table.csv`, `results.json` (scores, timings, run facts), `bar_chart.png`,
     `pca.png`, `loss.png`, and per row the outputs of `evaluate_davis` under `out_dir/eval/<row>/`.
     """
-    from flowfeat_jax import inference
+    from flowfeat_jax import inference, validation
     from flowfeat_jax.eval import davis
     from flowfeat_jax.eval import features as features_lib
     from flowfeat_jax.train import loop
@@ -194,7 +194,7 @@ def run_experiment(
     sequences = list(sequences) if sequences else davis.list_sequences(davis_root, split)
     timings = {}
     start = time.perf_counter()
-    loop.train(config, workdir)
+    loop.train(config, workdir, validate=validation.davis_validation(config.eval) if config.eval.davis else None)
     timings["train_s"] = time.perf_counter() - start
 
     trained, _, step = inference.load_flowfeat(workdir, decoder=config.eval.decoder)

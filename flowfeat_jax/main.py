@@ -20,32 +20,12 @@ def default_workdir(config_path: str) -> str:
     return os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
 
 
-def davis_validation(eval_cfg):
-    """The train loop's validation: the FlowFeat rows of `eval.protocols` on `eval.davis` (sequences, sizes)."""
-
-    def validate(model, out_dir) -> dict[str, float]:
-        from flowfeat_jax.eval import features
-
-        results = features.evaluate_davis(
-            model,
-            eval_cfg.davis,
-            out_dir,
-            split=eval_cfg.split,
-            sequences=[s for s in eval_cfg.sequences.split(",") if s],
-            protocols=[p for p in eval_cfg.protocols.split(",") if p],
-            short_side=eval_cfg.short_side,
-            max_frames=eval_cfg.max_frames or None,
-        )
-        return {f"eval/{p}/{k}": v for p, scores in results["flowfeat"].items() for k, v in scores.items()}
-
-    return validate
-
-
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from flowfeat_jax import cli
     from flowfeat_jax.train import loop, sharding
+    from flowfeat_jax.validation import davis_validation
 
     if not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO

@@ -186,8 +186,8 @@ def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
     raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {data.source!r}")
 
 
-# (model with the evaluated decoder, output folder) -> {"eval/<protocol>/<score>": value}; flowfeat_jax.main builds
-# it (eval is reached only through it, so train/ never imports eval/).
+# (model with the evaluated decoder, output folder) -> {"eval/<protocol>/<score>": value}; the apps hand it over
+# (flowfeat_jax.validation.davis_validation), so train/ never imports eval/.
 ValidateFn = Callable[[flowfeat_lib.FlowFeat, pathlib.Path], dict[str, float]]
 
 
@@ -296,7 +296,7 @@ def train(
 ) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir` up to `config.train.num_steps`; returns the last logged metrics.
 
-    With `config.eval.davis` set, `validate` (built by flowfeat_jax.main) scores the model with the `eval.decoder`
+    With `config.eval.davis` set, `validate` (flowfeat_jax.validation, handed over by main) scores the model with the `eval.decoder`
     decoder (online by default, as the reference validates and releases it) every `eval.every` steps and after the
     last; `eval.keep_best` keeps the best checkpoint by the J&F of the first of `eval.protocols`.
     """
