@@ -149,9 +149,10 @@ def paper_config(
 def ytvos_config(encoder: str, encoder_arch: str) -> ml_collections.ConfigDict:
     """The released config/ytvos.yaml: YouTube-VOS 2019 at 30 fps (`train_all_frames`, recipe.md step 11), 500
     epochs (paper), validation every 10 epochs, ridge alpha 0.1, pairs in both time directions, and the released
-    flow teacher RAFT-sintel with 20 iterations (recipe.md step 9). The paper's main results use SEA-RAFT M instead
-    (Tab. 3 (f): RAFT costs 0.6 J&F); that is one override away: `--config.data.method=searaft
-    --config.data.iters=0 --config.data.checkpoint=<SEA-RAFT-M weights>`."""
+    flow teacher RAFT-sintel with 20 iterations (recipe.md step 9). Why RAFT: where the paper and the released config
+    differ, the released config is the default (recipe.md). The paper's main results use SEA-RAFT M instead (Tab. 3
+    (f): RAFT costs 0.6 J&F); that is one override away: `--config.data.method=searaft --config.data.iters=0` (and
+    records exported with `--method searaft`, or `--config.data.checkpoint=<SEA-RAFT-M weights>` when main exports)."""
     config = paper_config(encoder, encoder_arch, YTVOS_NUM_VIDEOS, epochs=500, val_every_epochs=10)
     config.data.method = "raft"
     config.data.iters = 20
