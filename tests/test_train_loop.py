@@ -109,7 +109,7 @@ def _step_digests(directory):
     """{step: (digest of the online params, meta["best"])} of every checkpoint in `directory`."""
     manager = ckpt_lib.Checkpointer(directory)
     out = {}
-    for step in manager._manager.all_steps():
+    for step in sorted(int(p.name) for p in pathlib.Path(directory).iterdir() if p.name.isdigit()):
         state, meta = manager.restore_raw(step)
         out[step] = (ckpt_lib.tree_digest(state["params"]), meta.get("best"))
     manager.close()
