@@ -1,13 +1,18 @@
-"""FlowFeat DINOv2 ViT-B/14 trained on Kinetics-400 (paper setting; released defaults of recipe.md).
+"""FlowFeat DINOv2 ViT-B/14 trained on Kinetics-400 (paper setting; released config/kinetics.yaml).
 
 Expected: paper Tab. 1 row DINOv2-B14 + FlowFeat-K400.
-Flow: tools/export_flow.py --videos <Kinetics-400 root> --out <records> --method searaft --checkpoint <SEA-RAFT-M>
-Command: python -m flowfeat_jax.main --config configs/kinetics_dinov2_b14.py --workdir runs/kinetics_dinov2_b14
-    --config.data.records=<records>
+Settings: flowfeat_jax.config.kinetics_config (alpha 1.0, data.timeflip=False, SEA-RAFT).
+Flow (SEA-RAFT M, as the released config/kinetics.yaml):
+    python tools/export_flow.py --videos /data/kinetics400 --out /data/flow_k400_searaft --method searaft \
+        --checkpoint <SEA-RAFT-M> --device cuda
+Command: python -m flowfeat_jax.main --config configs/kinetics_dinov2_b14.py --workdir runs/kinetics_dinov2_b14 \
+    --config.data.records=/data/flow_k400_searaft
+Validation (optional, model selection as the reference): add --config.eval.davis=/data/DAVIS-2017; the best-J&F
+checkpoint is kept in <workdir>/best.
 """
 
-from flowfeat_jax.config import KINETICS_NUM_VIDEOS, paper_config
+from flowfeat_jax.config import kinetics_config
 
 
 def get_config():
-    return paper_config("facebook/dinov2-base", "dinov2_vitb14", KINETICS_NUM_VIDEOS, epochs=100)
+    return kinetics_config("facebook/dinov2-base", "dinov2_vitb14")

@@ -13,12 +13,17 @@ REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # YouTube-VOS 2019 train has 3,471 videos. An epoch is max(#videos, 10 * batch) samples (recipe.md step 10).
 YTVOS_NUM_VIDEOS = 3471
 KINETICS_NUM_VIDEOS = 240_000
+# The reference validates on these 8 DAVIS-2017 val videos (data/filelists/val3_davis2017_480p.txt; recipe.md step 10).
+DAVIS2017_VAL3 = (
+    "bike-packing", "breakdance", "car-shadow", "dance-twirl", "shooting", "motocross-jump", "lab-coat", "kite-surf"
+)
 
 
 def steps_for(num_videos: int, epochs: int, batch_size: int) -> int:
-    """Optimiser steps of `epochs` reference epochs: epoch = max(#videos, 10 * batch) samples (dataloader.py)."""
+    """Optimiser steps of `epochs` reference epochs: epoch = max(#videos, 10 * batch) samples (dataloader.py) in
+    whole batches (train.py's DataLoader drops the last partial one: YouTube-VOS 3471 // 128 = 27 steps)."""
     samples_per_epoch = max(num_videos, 10 * batch_size)
-    return -(-epochs * samples_per_epoch // batch_size)
+    return epochs * (samples_per_epoch // batch_size)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,7 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.videos = ""  # videos to export into data.records first when it holds no manifest yet ('' = don't)
     c.data.method = "dis"  # flow method used when main exports: 'dis' | 'searaft' | 'raft'
     c.data.checkpoint = ""  # flow network weights for 'searaft' / 'raft'
+    c.data.iters = 0  # refinement iterations of 'searaft' / 'raft' (0 = the method's default: SEA-RAFT 4, RAFT 20)
     c.data.gap = 2  # partners t +- k, k = 1..gap
+    c.data.timeflip = True  # partner t0 + k or t0 - k at random; False: t0 + k only (reference kinetics.yaml)
     c.data.frame_size = 448  # square frame side (short side resized, centre crop)
     c.data.flow_size = 224  # side at which the teacher flow is computed
     c.data.jpeg_quality = 95
@@ -88,6 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.sequences = ""  # comma-separated subset of the split ('' = all)
     c.eval.protocols = "knn"  # comma-separated: knn, linear
     c.eval.every = 0  # validate every N steps (0 = only after the last step)
+    c.eval.keep_best = False  # also keep the checkpoint of the best J&F (first of eval.protocols) in workdir/best
+    c.eval.decoder = "online"  # decoder validated: 'online' (reference train.py, the released model) | 'ema'
     c.eval.short_side = 480  # evaluation input short side (rounded down to an even token grid)
     c.eval.max_frames = 0  # truncate sequences for quick checks (0 = all frames)
     return c
@@ -114,12 +123,49 @@ def cpu_config() -> ml_collections.ConfigDict:
     return config
 
 
-def paper_config(encoder: str, encoder_arch: str, num_videos: int, epochs: int) -> ml_collections.ConfigDict:
-    """A paper setting: released defaults, a Hugging Face encoder and the step count of `epochs` reference epochs."""
+def paper_config(
+    encoder: str, encoder_arch: str, num_videos: int, epochs: int, val_every_epochs: int
+) -> ml_collections.ConfigDict:
+    """A paper setting: released defaults, a Hugging Face encoder and the step count of `epochs` reference epochs.
+
+    DINO/DINOv2 encoders resize their position tables as the torch-hub code the reference trains with
+    (`pos_interp='hub'`, recipe.md "Backbones"). Model selection as the reference's train.py: with
+    `--config.eval.davis=<DAVIS-2017 root>` the run validates every `val_every_epochs` epochs on the 8 videos of
+    DAVIS2017_VAL3 and keeps the best-J&F checkpoint in workdir/best beside the latest (recipe.md step 10).
+    """
     config = base_config()
     config.model.encoder = encoder
     config.model.encoder_arch = encoder_arch
+    if encoder_arch.startswith(("dino_", "dinov2_")):
+        config.model.pos_interp = "hub"
     config.train.num_steps = steps_for(num_videos, epochs, config.train.batch_size)
+    config.eval.split = "val"
+    config.eval.sequences = ",".join(DAVIS2017_VAL3)
+    config.eval.every = steps_for(num_videos, val_every_epochs, config.train.batch_size)
+    config.eval.keep_best = True
+    return config
+
+
+def ytvos_config(encoder: str, encoder_arch: str) -> ml_collections.ConfigDict:
+    """The released config/ytvos.yaml: YouTube-VOS 2019 at 30 fps (`train_all_frames`, recipe.md step 11), 500
+    epochs (paper), validation every 10 epochs, ridge alpha 0.1, pairs in both time directions, and the released
+    flow teacher RAFT-sintel with 20 iterations (recipe.md step 9). Why RAFT: where the paper and the released config
+    differ, the released config is the default (recipe.md). The paper's main results use SEA-RAFT M instead (Tab. 3
+    (f): RAFT costs 0.6 J&F); that is one override away: `--config.data.method=searaft --config.data.iters=0` (and
+    records exported with `--method searaft`, or `--config.data.checkpoint=<SEA-RAFT-M weights>` when main exports)."""
+    config = paper_config(encoder, encoder_arch, YTVOS_NUM_VIDEOS, epochs=500, val_every_epochs=10)
+    config.data.method = "raft"
+    config.data.iters = 20
+    return config
+
+
+def kinetics_config(encoder: str, encoder_arch: str) -> ml_collections.ConfigDict:
+    """The released config/kinetics.yaml (recipe.md step 13): ridge alpha 1.0, forward pairs only (t1 = t0 + k),
+    SEA-RAFT (M, its default 4 iterations), 100 epochs, validation every epoch."""
+    config = paper_config(encoder, encoder_arch, KINETICS_NUM_VIDEOS, epochs=100, val_every_epochs=1)
+    config.loss.ridge_alpha = 1.0
+    config.data.timeflip = False
+    config.data.method = "searaft"
     return config
 
 

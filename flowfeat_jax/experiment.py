@@ -4,7 +4,8 @@ Rows of the comparison (same config, same seed, so all three share one frozen en
 - "encoder": the encoder's final-LayerNorm patch features (`FlowFeat.encode(...).final`);
 - "untrained": the decoder as initialised, before any step (`loop.build_flowfeat`): what the DPT architecture alone
   adds to the encoder, the control that shows whether training is what makes a difference;
-- "flowfeat": the trained run's EMA decoder (`inference.load_flowfeat`), the model the paper evaluates.
+- "flowfeat": the trained run's online decoder (`inference.load_flowfeat`), the model the reference validates and
+  releases (recipe.md step 12); `--config.eval.decoder=ema` scores the EMA teacher instead.
 Each row goes through `eval.features.evaluate_davis` (label propagation "knn" and the first-frame linear probe).
 The outputs are a Markdown/CSV table, a bar chart of J&F, J and F per protocol, a PCA picture of the three feature
 kinds on the same frames, and a loss curve of the run, drawn with PIL (no matplotlib).
@@ -24,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from flowfeat_jax import viz
 
 ROWS = ("encoder", "untrained", "flowfeat")
-ROW_LABELS = {"encoder": "encoder features", "untrained": "untrained decoder", "flowfeat": "FlowFeat (trained, EMA)"}
+ROW_LABELS = {"encoder": "encoder features", "untrained": "untrained decoder", "flowfeat": "FlowFeat (trained)"}
 ROW_COLOURS = {"encoder": (150, 150, 150), "untrained": (230, 159, 0), "flowfeat": (0, 114, 178)}
 METRICS = (("JF_mean", "J&F"), ("J_mean", "J"), ("F_mean", "F"))
 Results = dict[str, dict[str, dict[str, float]]]  # {row: {protocol: global scores}}
@@ -184,7 +185,7 @@ def run_experiment(
     Writes into `out_dir`: `table.md`, `table.csv`, `results.json` (scores, timings, run facts), `bar_chart.png`,
     `pca.png`, `loss.png`, and per row the outputs of `evaluate_davis` under `out_dir/eval/<row>/`.
     """
-    from flowfeat_jax import inference
+    from flowfeat_jax import inference, validation
     from flowfeat_jax.eval import davis
     from flowfeat_jax.eval import features as features_lib
     from flowfeat_jax.train import loop
@@ -193,10 +194,10 @@ def run_experiment(
     sequences = list(sequences) if sequences else davis.list_sequences(davis_root, split)
     timings = {}
     start = time.perf_counter()
-    loop.train(config, workdir)
+    loop.train(config, workdir, validate=validation.davis_validation(config.eval) if config.eval.davis else None)
     timings["train_s"] = time.perf_counter() - start
 
-    trained, _, step = inference.load_flowfeat(workdir, decoder="ema")
+    trained, _, step = inference.load_flowfeat(workdir, decoder=config.eval.decoder)
     untrained, _ = loop.build_flowfeat(config.model, config.seed)
     common = {
         "split": split,
@@ -240,6 +241,7 @@ def run_experiment(
 
     facts = {
         "step": step,
+        "decoder": config.eval.decoder,
         "sequences": sequences,
         "split": split,
         "protocols": list(protocols),

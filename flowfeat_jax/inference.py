@@ -27,8 +27,11 @@ def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
     return directory, steps[-1]
 
 
-def load_flowfeat(path: str | pathlib.Path, *, decoder: str = "ema") -> tuple[FlowFeat, ml_collections.ConfigDict, int]:
-    """The FlowFeat of a checkpoint with the EMA (default, the evaluated model) or the online decoder.
+def load_flowfeat(
+    path: str | pathlib.Path, *, decoder: str = "online"
+) -> tuple[FlowFeat, ml_collections.ConfigDict, int]:
+    """The FlowFeat of a checkpoint with the online decoder (default: the model the reference validates and releases,
+    recipe.md step 12) or the EMA teacher (`decoder="ema"`).
 
     Returns (model, config the run used, step).
     """

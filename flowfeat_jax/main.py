@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from flowfeat_jax import cli
     from flowfeat_jax.train import loop, sharding
+    from flowfeat_jax.validation import davis_validation
 
     if not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> int:
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
 
     def train():
-        final = loop.train(config, workdir)
+        final = loop.train(config, workdir, validate=davis_validation(config.eval) if config.eval.davis else None)
         print(f"done: {workdir} " + " ".join(f"{k}={v:.4g}" for k, v in final.items()))
 
     return cli.run_guarded(train, prog="flowfeat_jax.main", verbose=_VERBOSE.value)

@@ -52,7 +52,7 @@ def test_davis_root_of_drops_only_a_split_suffix():
 def test_table_bolds_the_best_jf_per_protocol_and_chart_has_one_bar_per_row(tmp_path):
     results = fake_results(0.3, 0.4, 0.6)
     table = experiment.results_markdown(results).splitlines()
-    assert len(table) == 2 + 3 and table[-1].startswith("| FlowFeat (trained, EMA) | **0.600** | 0.550 | 0.650 |")
+    assert len(table) == 2 + 3 and table[-1].startswith("| FlowFeat (trained) | **0.600** | 0.550 | 0.650 |")
     assert "**" not in table[2] and "**" not in table[3]
     experiment.bar_chart(results, tmp_path / "chart.png")
     image = np.asarray(Image.open(tmp_path / "chart.png").convert("RGB"))

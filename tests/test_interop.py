@@ -229,13 +229,21 @@ def test_training_snapshot_with_ema_and_config(tmp_path):
     argv = ["--pth", str(tmp_path / "snapshot.pth"), "--out", str(tmp_path / "run"),
             "--config", str(tmp_path / "tiny.py")]
     assert _tool_main("import_torch")(argv) == 0
-    ema_model, config, _ = load_flowfeat(tmp_path / "run")
+    ema_model, config, _ = load_flowfeat(tmp_path / "run", decoder="ema")
     assert config.train.batch_size == 4 and ema_model.cfg.encoder.family == "dino"
     assert ema_model.cfg.encoder.num_heads == 2
     ema.encoder.load_state_dict(online.encoder.state_dict())  # same frozen encoder, EMA decoder
     _assert_same_outputs(ema_model, ema, sizes=(224,))
-    online_model, _, _ = load_flowfeat(tmp_path / "run", decoder="online")
+    online_model, _, _ = load_flowfeat(tmp_path / "run")  # the online decoder by default (recipe.md step 12)
     _assert_same_outputs(online_model, online, sizes=(224,))
+    for flag, source in (([], online), (["--decoder", "ema"], ema)):  # export_torch: online unless asked for EMA
+        out = tmp_path / f"exported{len(flag)}.safetensors"
+        argv = ["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--safetensors", *flag]
+        assert _tool_main("export_torch")(argv) == 0
+        exported = load_torch_flowfeat(out).state_dict()
+        for key, value in source.state_dict().items():
+            if key.startswith("decoder."):
+                torch.testing.assert_close(exported[key], value, atol=0, rtol=0, msg=key)
 
 
 def _valid_state() -> dict[str, torch.Tensor]:

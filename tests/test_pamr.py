@@ -1,4 +1,5 @@
-"""PAMR refinement: sharpening on a two-region image, a per-pixel numpy transcription of the formula, bad inputs."""
+"""PAMR refinement (dense 11 x 11 kernel of FlowFeat++ and dilated rings): sharpening on a two-region image, a
+per-pixel numpy transcription of the formula, bad inputs."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,12 +32,14 @@ def _iou(masks, truth):
     return (pred & truth).sum() / (pred | truth).sum()
 
 
-@pytest.mark.parametrize("dilations", [pamr.FLOWFEAT_DILATIONS, pamr.PAMR_DILATIONS])
-def test_pamr_sharpens_blurred_mask_on_two_flat_regions(dilations):
+@pytest.mark.parametrize("kernel, dilations", [("dense", ()), ("rings", pamr.FLOWFEAT_DILATIONS),
+                                               ("rings", pamr.PAMR_DILATIONS)])
+def test_pamr_sharpens_blurred_mask_on_two_flat_regions(kernel, dilations):
     truth, features = _two_regions()
     masks = _blurred_shifted_mask(truth)
     before = _iou(masks[0], truth)
-    refined = np.asarray(pamr.pamr(jnp.asarray(features[None]), jnp.asarray(masks), dilations=dilations, num_iter=10))
+    refined = np.asarray(pamr.pamr(jnp.asarray(features[None]), jnp.asarray(masks), kernel=kernel,
+                                   dilations=dilations, num_iter=10))
     after = _iou(refined[0], truth)
     assert before == pytest.approx(0.8333, abs=1e-3)  # 4 of 24 columns of the region are wrong
     assert after == 1.0 and after - before > 0.15
@@ -53,15 +56,16 @@ def test_no_refinement_without_iterations_and_constant_masks_stay():
     np.testing.assert_allclose(np.asarray(out), 0.25, atol=1e-6)
 
 
-def _reference_pamr(features, masks, dilations, num_iter):
-    """Per-pixel loops over the formula of Araslanov & Roth 2020 (replicate borders, unbiased local std)."""
+def _reference_pamr(features, masks, kernels, num_iter):
+    """Per-pixel loops over the formula of Araslanov & Roth 2020 (replicate borders, unbiased local std); `kernels`
+    lists each kernel's taps, centre included (PAMR: one dilated 3 x 3 per dilation; FlowFeat++: one dense one)."""
     height, width, channels = features.shape
-    offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    offsets = [o for kernel in kernels for o in kernel]
 
     def at(array, y, x):
         return array[min(max(y, 0), height - 1), min(max(x, 0), width - 1)]
 
-    alpha = np.zeros((height, width, 8 * len(dilations)))
+    alpha = np.zeros((height, width, len(offsets) - len(kernels)))
     for y in range(height):
         for x in range(width):
             taps = np.stack([at(features, y + dy, x + dx) for dy, dx in offsets])  # (9D, K), centre once per d
@@ -81,21 +85,43 @@ def _reference_pamr(features, masks, dilations, num_iter):
     return masks
 
 
-def test_pamr_matches_per_pixel_formula():
+def _rings(dilations):
+    return [[(dy * d, dx * d) for dy in (-1, 0, 1) for dx in (-1, 0, 1)] for d in dilations]
+
+
+def _dense(size):
+    r = size // 2
+    return [[(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]]
+
+
+@pytest.mark.parametrize("kwargs, kernels, shape", [
+    (dict(kernel="rings", dilations=(1, 2)), _rings((1, 2)), (6, 7)),
+    (dict(kernel="dense", size=5), _dense(5), (6, 7)),
+    (dict(kernel="dense"), _dense(11), (9, 12)),  # the FlowFeat++ default, wider than the image: borders replicate
+])
+def test_pamr_matches_per_pixel_formula(kwargs, kernels, shape):
     rng = np.random.default_rng(1)
-    features = rng.standard_normal((6, 7, 4)).astype(np.float32)
-    masks = rng.random((6, 7, 3)).astype(np.float32)
-    expected = _reference_pamr(features.astype(np.float64), masks.astype(np.float64), (1, 2), 2)
-    got = pamr.pamr(jnp.asarray(features[None]), jnp.asarray(masks[None]), dilations=(1, 2), num_iter=2)
+    features = rng.standard_normal((*shape, 4)).astype(np.float32)
+    masks = rng.random((*shape, 3)).astype(np.float32)
+    expected = _reference_pamr(features.astype(np.float64), masks.astype(np.float64), kernels, 2)
+    got = pamr.pamr(jnp.asarray(features[None]), jnp.asarray(masks[None]), num_iter=2, **kwargs)
     np.testing.assert_allclose(np.asarray(got)[0], expected, atol=1e-5)
 
 
 def test_offsets_span_eleven_by_eleven():
-    offsets = np.asarray(pamr.neighbour_offsets(pamr.FLOWFEAT_DILATIONS))
+    dense, kernels = pamr.kernel_offsets("dense")  # the default: one dense 11 x 11 kernel
+    assert kernels == 1 and len(dense) == 120 and len(set(dense)) == 120 and (0, 0) not in dense
+    assert np.min(dense) == -5 and np.max(dense) == 5
+    offsets = np.asarray(pamr.ring_offsets(pamr.FLOWFEAT_DILATIONS))
     assert len(offsets) == 40 and len({tuple(o) for o in offsets}) == 40
     assert offsets.min() == -5 and offsets.max() == 5  # 11 x 11 window
+    assert set(map(tuple, offsets)) < set(dense)
     with pytest.raises(ValueError, match="dilations"):
-        pamr.neighbour_offsets((1, 0))
+        pamr.ring_offsets((1, 0))
+    with pytest.raises(ValueError, match="odd integer"):
+        pamr.dense_offsets(10)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        pamr.kernel_offsets("disk")
     with pytest.raises(ValueError, match="pamr expects"):
         pamr.pamr(jnp.zeros((1, 4, 4, 2)), jnp.zeros((4, 4, 2)))
 

@@ -74,6 +74,17 @@ def test_epoch_size_sampling_and_seed(exported):
     assert second_epoch != samples  # reshuffled and redrawn per epoch
 
 
+def test_timeflip_false_draws_forward_partners_only(exported):
+    """Kinetics (data.timeflip=False): partner = t0 + k, k in 1..gap, t0 from frame 0 on; never t0 - k."""
+    samples = _samples(_dataset(exported, num_epochs=3, timeflip=False))
+    assert len(samples) == 3 * 40
+    assert {p - t for _, t, p in samples} == {1, 2}
+    assert min(t for _, t, _ in samples) < CFG.gap  # frames 0..gap-1 are reachable as t0 (they are not with timeflip)
+    assert max(t for _, t, _ in samples) <= NUM_FRAMES - 1 - CFG.gap
+    with_flip = _samples(_dataset(exported, num_epochs=3))
+    assert min(t for _, t, _ in with_flip) >= CFG.gap and {np.sign(p - t) for _, t, p in with_flip} == {-1, 1}
+
+
 def test_iterator_state_resumes_the_same_sequence_with_workers(exported):
     dataset = _dataset(exported, worker_count=2, seed=3)
     iterator = iter(dataset)

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from flowfeat_jax.config import load_config
 from flowfeat_jax.probes import data as data_lib
 from flowfeat_jax.probes import depth as depth_lib
 from flowfeat_jax.probes import run as run_lib
@@ -110,6 +111,72 @@ def test_probe_shapes_for_each_feature_choice(encoder_dim, flowfeat_dim):
     assert bool(jnp.all((pred > 1e-3) & (pred < 10.0)))  # a convex combination of bin centres inside the range
     with pytest.raises(ValueError, match="needs FlowFeat features, encoder features or both"):
         seg_lib.SegmentationProbeConfig(num_classes=5)
+
+
+def _attention_by_hand(probe: seg_lib.CrossAttentionProbe, features, tokens):
+    """The probe's logits with its own weights, the keys/values given explicitly (B, N, C)."""
+    attended = probe.cross_attn(jnp.broadcast_to(probe.queries[...], (tokens.shape[0], *probe.queries.shape[1:])),
+                                tokens)
+    return jnp.einsum("bhwc,bkc->bhwk", features, attended) / features.shape[-1]
+
+
+def test_flowfeat_key_value_downsampling_factor():
+    """downscale 1 attends to every pixel (the behaviour before the factor existed); downscale 2 to the 2 x 2 block
+    means (bilinear halving, align_corners=False); the encoder-only probe ignores the factor."""
+    features = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 12, 16)), jnp.float32)
+    for factor, tokens in ((1, features.reshape(2, -1, 16)),
+                           (2, features.reshape(2, 4, 2, 6, 2, 16).mean(axis=(2, 4)).reshape(2, -1, 16))):
+        probe = seg_lib.CrossAttentionProbe(16, 5, num_heads=4, downscale=factor, rngs=nnx.Rngs(3))
+        np.testing.assert_allclose(np.asarray(probe(features)), np.asarray(_attention_by_hand(probe, features, tokens)),
+                                   atol=1e-5)
+    one = seg_lib.CrossAttentionProbe(16, 5, num_heads=4, downscale=1, rngs=nnx.Rngs(3))
+    assert not np.allclose(np.asarray(probe(features)), np.asarray(one(features)), atol=1e-5)  # pooling matters
+    for widths, pooled in ((dict(flowfeat_dim=16, encoder_dim=8), 4), (dict(encoder_dim=8), 1)):
+        seg = seg_lib.SegmentationProbe(seg_lib.SegmentationProbeConfig(num_classes=5, downscale=4, **widths),
+                                        rngs=nnx.Rngs(0))
+        assert seg.attention.downscale == pooled
+
+
+def test_probe_input_sizes_fit_both_patch_sizes():
+    coco, nyu = load_config("probe_cocostuff").data, load_config("probe_nyu").data
+    assert run_lib.input_sizes(coco, 16) == (256, 256) and run_lib.input_sizes(coco, 14) == (256, 252)
+    assert run_lib.input_sizes(nyu, 16) == (480, 480) and run_lib.input_sizes(nyu, 14) == (480, 476)
+    explicit = load_config("probe_cocostuff").data
+    explicit.input_size = 224
+    assert run_lib.input_sizes(explicit, 14) == (256, 224)
+    explicit.input_size = 250
+    with pytest.raises(ValueError, match="data.input_size 250 must be a multiple of 2 x patch 14"):
+        run_lib.input_sizes(explicit, 14)
+
+
+def test_cocostuff_crop_scores_labels_at_the_crop_and_feeds_the_network_size(tmp_path):
+    _write_cocostuff(tmp_path / "coco", "val2017", 1)
+    sample = data_lib.CocoStuffFolder(tmp_path / "coco", "val2017").load(0, 28, crop=32)
+    assert sample["image"].shape == (28, 28, 3) and sample["labels"].shape == (32, 32)
+    same = data_lib.CocoStuffFolder(tmp_path / "coco", "val2017").load(0, 32)
+    np.testing.assert_array_equal(same["labels"], sample["labels"])
+
+
+def test_paper_adam_is_torch_adam_with_l2_weight_decay():
+    """The probe optimiser = torch.optim.Adam(lr, weight_decay): the decay joins the gradient before the moments."""
+    import ml_collections
+    import torch
+
+    cfg = ml_collections.ConfigDict(dict(lr=1e-2, weight_decay=0.3))
+    tx = run_lib.make_optimizer(cfg)
+    target = np.array([1.0, -2.0, 0.5], np.float32)
+    params = jnp.array([0.3, 0.1, -0.4])
+    state = tx.init(params)
+    torch_params = torch.tensor([0.3, 0.1, -0.4], requires_grad=True)
+    torch_opt = torch.optim.Adam([torch_params], lr=1e-2, weight_decay=0.3)
+    for _ in range(5):
+        grads = 2 * (params - target)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        torch_opt.zero_grad()
+        ((torch_params - torch.from_numpy(target)) ** 2).sum().backward()
+        torch_opt.step()
+    np.testing.assert_allclose(np.asarray(params), torch_params.detach().numpy(), atol=1e-6)
 
 
 # --- overfitting tiny synthetic sets --------------------------------------------------------------------------------
@@ -306,8 +373,7 @@ def test_cli_cocostuff_smoke(tmp_path):
     _write_cocostuff(tmp_path / "coco", "train2017", 3)
     _write_cocostuff(tmp_path / "coco", "val2017", 2, seed=1)
     out = _cli("configs/probe_cocostuff.py", tmp_path / "run", f"--config.data.root={tmp_path / 'coco'}",
-               "--config.probe.num_heads=4", "--config.pamr.dilations=(1, 2)",
-               "--config.pamr.num_iter=2")
+               "--config.probe.num_heads=4", "--config.data.eval_crop=32", "--config.pamr.num_iter=2")
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     assert 0 <= metrics["miou"] <= 1 and 0 <= metrics["miou_pamr"] <= 1 and metrics["num_images"] == 2

@@ -94,6 +94,78 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert [m["loss"] for m in full_metrics] == [m["loss"] for m in part_metrics]
 
 
+def _scripted_validation(values):
+    """A fake validation callback: the next scripted J&F per call; records (step folder, decoder digest) per call."""
+    calls = []
+
+    def validate(model, out_dir):
+        calls.append((out_dir.name, ckpt_lib.tree_digest(nnx.to_pure_dict(nnx.state(model.decoder)))))
+        return {"eval/knn/JF_mean": values[len(calls) - 1], "eval/knn/J_mean": 0.0}
+
+    return validate, calls
+
+
+def _step_digests(directory):
+    """{step: (digest of the online params, meta["best"])} of every checkpoint in `directory`."""
+    manager = ckpt_lib.Checkpointer(directory)
+    out = {}
+    for step in sorted(int(p.name) for p in pathlib.Path(directory).iterdir() if p.name.isdigit()):
+        state, meta = manager.restore_raw(step)
+        out[step] = (ckpt_lib.tree_digest(state["params"]), meta.get("best"))
+    manager.close()
+    return out
+
+
+@pytest.mark.slow
+def test_keep_best_keeps_best_and_latest_and_a_resume_keeps_the_best(tmp_path):
+    """eval.keep_best with a scripted J&F sequence: the best-J&F step sits in best/, the latest in checkpoints/; the
+    online decoder is validated; a resumed run replaces the best only with a better score."""
+    config = tiny_config(num_steps=6)
+    config.train.checkpoint_every = 2
+    config.train.keep_checkpoints = 10
+    config.eval.davis = "scripted"  # any root: the callback stands in for DAVIS
+    config.eval.every = 2
+    config.eval.keep_best = True
+    validate, calls = _scripted_validation([0.3, 0.5, 0.4])
+    loop.train(config, tmp_path, validate=validate)
+    latest = _step_digests(tmp_path / "checkpoints")
+    best = _step_digests(tmp_path / "best")
+    assert sorted(latest) == [2, 4, 6] and list(best) == [4]
+    assert best[4] == (latest[4][0], {"metric": "eval/knn/JF_mean", "value": 0.5, "step": 4})
+    assert [c[0] for c in calls] == ["step_2", "step_4", "step_6"]
+    assert [c[1] for c in calls] == [latest[s][0] for s in (2, 4, 6)]  # the online decoder, not the EMA
+    scores = [r for r in read_metrics(tmp_path) if "eval/knn/JF_mean" in r]
+    assert [r.get("eval/best_step") for r in scores] == [2, 4, None]
+
+    config.train.num_steps = 8
+    validate, calls = _scripted_validation([0.45])
+    loop.train(config, tmp_path, validate=validate)  # resumes at 6; 0.45 at step 8 does not beat step 4's 0.5
+    assert [c[0] for c in calls] == ["step_8"] and max(_step_digests(tmp_path / "checkpoints")) == 8
+    assert _step_digests(tmp_path / "best") == best
+
+
+@pytest.mark.slow
+def test_validation_with_ema_decoder_and_refusals(tmp_path):
+    """eval.decoder='ema' validates the EMA teacher; a DAVIS root without a callback, or an unknown decoder, is
+    refused before anything is written."""
+    config = tiny_config(num_steps=2)
+    config.eval.davis = "scripted"
+    with pytest.raises(ValueError, match="no validation function"):
+        loop.train(config, tmp_path / "a")
+    config.eval.decoder = "teacher"
+    with pytest.raises(ValueError, match="eval.decoder must be 'online' or 'ema'"):
+        loop.train(config, tmp_path / "b", validate=_scripted_validation([0.1])[0])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    config.eval.decoder = "ema"
+    validate, calls = _scripted_validation([0.1])
+    loop.train(config, tmp_path / "c", validate=validate)
+    manager = ckpt_lib.Checkpointer(tmp_path / "c" / "checkpoints")
+    state, _ = manager.restore_raw(2)
+    manager.close()
+    assert calls[0][1] == ckpt_lib.tree_digest(state["ema_params"]) != ckpt_lib.tree_digest(state["params"])
+    assert not (tmp_path / "c" / "best").exists()  # keep_best off by default
+
+
 def test_resume_refuses_another_encoder(tmp_path):
     loop.train(tiny_config(num_steps=3), tmp_path)
     other = tiny_config(num_steps=6)
@@ -208,7 +280,8 @@ def test_paper_configs_hold_released_defaults(name):
     config = module.get_config()
     assert config.train.batch_size == 128 and config.train.lr == 1e-4 and config.train.input_size == 224
     assert tuple(config.train.crop_scale) == (0.5, 0.75)
-    assert (config.loss.ridge_alpha, config.loss.flow_weight, config.loss.sigma) == (0.1, 0.1, 0.1)
+    released_alpha = 1.0 if name.startswith("kinetics") else 0.1  # config/kinetics.yaml vs config/ytvos.yaml
+    assert (config.loss.ridge_alpha, config.loss.flow_weight, config.loss.sigma) == (released_alpha, 0.1, 0.1)
     assert (config.ema.beta, config.ema.update_every) == (0.999, 5)
     # The named preset exists, so a random-init run of the same architecture can be built.
     loop.encoder_config(config.model)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowfeat_jax.data import videos
+from flowfeat_jax.data import export, videos
 
 
 def _write_frames(folder: pathlib.Path, count: int, size=(40, 32), suffix=".jpg", start=0) -> list[np.ndarray]:
@@ -72,10 +72,31 @@ def test_youtube_vos_layout_and_short_videos_counted(tmp_path):
     _write_frames(root / "train" / "JPEGImages" / "a1", 12)
     _write_frames(root / "train" / "JPEGImages" / "b2", 9)  # too short: skipped and named
     _write_frames(root / "valid" / "JPEGImages" / "c3", 10)
-    listed = videos.list_videos(root)
+    listed = videos.list_videos(f"{root}:train")
     assert [v.name for v in listed.videos] == ["a1"] and listed.skipped == ("b2",)
     assert [v.name for v in videos.list_videos(f"{root}:valid").videos] == ["c3"]
     assert [v.name for v in videos.list_videos(root / "train").videos] == ["a1"]
+    with pytest.raises(ValueError, match=r"6-fps YouTube-VOS frames train/JPEGImages but no train_all_frames.*:train"):
+        videos.list_videos(root)  # the 6-fps frames only when asked for
+
+
+def test_youtube_vos_root_defaults_to_all_frames_and_exports_them(tmp_path):
+    """A root with both folders (recipe.md step 11): the 30-fps train_all_frames by default, train/ on request."""
+    root = tmp_path / "ytvos"
+    _write_frames(root / "train_all_frames" / "JPEGImages" / "a1", 15)
+    _write_frames(root / "train_all_frames" / "JPEGImages" / "b2", 11)
+    _write_frames(root / "train" / "JPEGImages" / "a1", 10)  # every 5th frame of the same video
+    _write_frames(root / "train" / "JPEGImages" / "b2", 3)
+    listed = videos.list_videos(root)
+    assert [(v.name, v.num_frames) for v in listed.videos] == [("a1", 15), ("b2", 11)]
+    assert all(f.parts[-4] == "train_all_frames" for v in listed.videos for f in v.frames)
+    assert [(v.name, v.num_frames) for v in videos.list_videos(f"{root}:train").videos] == [("a1", 10)]
+    cfg = export.ExportConfig(method="dis", frame_size=32, flow_size=16, gap=1, min_frames=3)
+    flow = lambda a, b: np.zeros((*a.shape[:3], 2), np.float32)  # noqa: E731
+    manifest = export.export_flows(root, tmp_path / "flow", cfg, flow_fn=flow, progress=False)
+    assert (manifest["num_videos"], manifest["num_frames"]) == (2, 26)
+    manifest = export.export_flows(f"{root}:train", tmp_path / "flow6", cfg, flow_fn=flow, progress=False)
+    assert (manifest["num_videos"], manifest["num_frames"]) == (2, 13)
 
 
 def test_folder_of_videos_file_list_and_mp4(tmp_path):

@@ -1,12 +1,16 @@
 """Export teacher flows of video frame pairs to ArrayRecord shards for training.
 
-  python tools/export_flow.py --videos /data/ytvos:train --out /data/flow_ytvos --method searaft \
+  python tools/export_flow.py --videos /data/youtube-vos-2019 --out /data/flow_ytvos_raft --method raft \
+      --checkpoint raft-sintel.pth --iters 20 --device cuda --batch-size 32
+  python tools/export_flow.py --videos /data/youtube-vos-2019 --out /data/flow_ytvos_searaft --method searaft \
       --checkpoint Tartan-C-T-TSKH-spring540x960-M.pth --device cuda --batch-size 32
   python tools/export_flow.py --videos /data/davis2016:train --out /tmp/flow_dis --method dis   # CPU, no weights
 
 Parallel workers: run the same command with --num-shards N --shard-index I for I = 0..N-1 (same --out); each writes
 its own shards and manifest-I-of-N.json, and the pipeline reads the directory once all parts exist. Rerunning an
 interrupted command resumes: finished shards are kept. Layout: flowfeat_jax/data/records.py.
+A YouTube-VOS root exports its 30-fps `train_all_frames/JPEGImages` (what the reference trains on); the 6-fps
+`train/JPEGImages` only when asked for, as `--videos <root>:train`.
 """
 
 import argparse
@@ -22,7 +26,11 @@ from flowfeat_jax.flow import methods  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", required=True, help="video, folder of videos, DAVIS/YouTube-VOS root[:split], list")
-    parser.add_argument("--split", default=None, help="DAVIS ImageSets / YouTube-VOS split (or PATH:split)")
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="DAVIS ImageSets or YouTube-VOS split (or PATH:split); YouTube-VOS: train_all_frames (default), train",
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--method", default="searaft", choices=methods.METHODS)
     parser.add_argument("--checkpoint", default=None, help="flow network weights (searaft, raft)")

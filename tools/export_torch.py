@@ -4,7 +4,8 @@
 
 Keys: `encoder.*` in torch-hub DINO/DINOv2/MAE names, `decoder.*` in reference DecodeDPT names; the reference
 `FlowFeat(cfg).load_state_dict(sd, strict=True)` accepts it, and so does flowfeat_jax.torch_ref.flowfeat
-(`load_torch_flowfeat(path)`, torch only). The EMA decoder (the evaluated model) is exported by default.
+(`load_torch_flowfeat(path)`, torch only). The online decoder is exported by default, as the reference releases it
+(recipe.md step 12: its checkpoints hold no EMA decoder); `--decoder ema` exports the EMA teacher instead.
 """
 
 import argparse
@@ -16,7 +17,7 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", required=True, help="run directory or one checkpoints/<step> folder")
     parser.add_argument("--out", required=True, help="output file (.pth, or .safetensors with --safetensors)")
     parser.add_argument("--safetensors", action="store_true", help="write safetensors instead of torch.save")
-    parser.add_argument("--decoder", choices=("ema", "online"), default="ema", help="which decoder (default: ema)")
+    parser.add_argument("--decoder", choices=("online", "ema"), default="online", help="decoder (default: online)")
     parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
     return parser.parse_args(argv)
 

@@ -3,7 +3,8 @@
 Sampling mirrors the reference dataloader.py ``DataVideo`` (recipe.md steps 1 and 10) rather than drawing uniformly
 over all pairs: an epoch has ``max(#videos, 10 * batch_size)`` samples; sample i of an epoch (after a per-epoch
 shuffle) takes video ``i mod #videos``, then t0 uniformly in [gap, T - 1 - gap] (room for the window in both time
-directions; temp_win 2, timeflip on), k uniformly in {1..gap} and a random direction: partner = t0 +- k. Long and
+directions; temp_win 2, timeflip on), k uniformly in {1..gap} and a random direction: partner = t0 +- k. With
+``timeflip=False`` (reference kinetics.yaml) t0 is uniform in [0, T - 1 - gap] and partner = t0 + k only. Long and
 short videos are thus seen equally often, as in the reference.
 
 Each sample is read as two records (the JPEG square frame t0 and the flow t0 -> partner; see records.py), decoded
@@ -44,10 +45,11 @@ class FlowPairSampler(grain.transforms.RandomMap):
     The ArrayRecord sources are opened lazily, once per worker process.
     """
 
-    def __init__(self, records: records_lib.FlowRecords, max_draws: int = 100):
+    def __init__(self, records: records_lib.FlowRecords, max_draws: int = 100, timeflip: bool = True):
         if int(records.num_frames.min()) < 2 * records.gap + 1:
             raise ValueError(f"videos need >= {2 * records.gap + 1} frames for gap {records.gap}")
         self.records = records
+        self.timeflip = timeflip
         self.max_draws = max_draws
         self._sources = None  # (frames, flows) ArrayRecordDataSources
         self._frame_ends = np.cumsum(records.frames_per_file)
@@ -60,8 +62,12 @@ class FlowPairSampler(grain.transforms.RandomMap):
         video, gap = int(index) % self.records.num_videos, self.records.gap
         length = int(self.records.num_frames[video])
         for _ in range(self.max_draws):
-            t0 = int(rng.integers(gap, length - gap))  # [gap, T - 1 - gap]
-            partner = t0 + int(rng.integers(1, gap + 1)) * int(rng.choice((-1, 1)))
+            if self.timeflip:
+                t0 = int(rng.integers(gap, length - gap))  # [gap, T - 1 - gap]
+                partner = t0 + int(rng.integers(1, gap + 1)) * int(rng.choice((-1, 1)))
+            else:  # dataloader.py: frame_idx0 in [0, T - 1 - gap], frame_idx1 = frame_idx0 + k
+                t0 = int(rng.integers(0, length - gap))
+                partner = t0 + int(rng.integers(1, gap + 1))
             sample = self.read(video, t0, partner)
             if sample is not None:
                 return sample
@@ -114,6 +120,7 @@ def make_pair_dataset(
     read_threads: int = 2,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    timeflip: bool = True,
 ) -> grain.IterDataset:
     """Batches of random (frame, flow) pairs from an export directory (see the module docstring).
 
@@ -128,6 +135,7 @@ def make_pair_dataset(
       worker_count: grain worker processes, each building whole batches (0 = in this process).
       read_threads: batches built concurrently per process (each buffers one batch: ~1 MB per sample at 448/224).
       shard_index, shard_count: this process's share; default jax.process_index() / jax.process_count().
+      timeflip: partners in both time directions (released YouTube-VOS); False: t0 + k only (Kinetics).
     """
     if not isinstance(records, records_lib.FlowRecords):
         records = records_lib.open_flow_records(records)
@@ -137,7 +145,7 @@ def make_pair_dataset(
         shard_index, shard_count = jax.process_index(), jax.process_count()
     size = epoch_size(records.num_videos, batch_size * shard_count)
     ds = grain.MapDataset.range(size).shuffle(seed=seed).repeat(num_epochs)
-    ds = ds.random_map(FlowPairSampler(records), seed=seed)
+    ds = ds.random_map(FlowPairSampler(records, timeflip=timeflip), seed=seed)
     ds = ds[shard_index::shard_count].batch(batch_size, drop_remainder=True)
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads))
     if worker_count > 0:

@@ -8,8 +8,9 @@ A video is either a folder of frames (``.jpg``/``.jpeg``/``.png``, sorted by fil
   folders (Kinetics-style ``<class>/<clip>.mp4``);
 - a DAVIS root (``JPEGImages/480p/<seq>``, optionally restricted to the sequences of ``ImageSets/<split>.txt``; also
     the DAVIS-2017 ``ImageSets/2017/<split>.txt`` layout);
-- a YouTube-VOS / YouTube-VIS root (``<split>/JPEGImages/<id>``, split ``train`` by default) or one split folder of it
-    (``.../train`` holding ``JPEGImages``);
+- a YouTube-VOS / YouTube-VIS root (``<split>/JPEGImages/<id>``) or one split folder of it (``.../train`` holding
+    ``JPEGImages``). Without a split a root gives ``train_all_frames`` (the 30-fps frames the reference trains on,
+    recipe.md step 11); the 6-fps ``train`` folder only when asked for, as ``ROOT:train``;
 - a text file list, one video path per line (relative paths are taken from the list's folder; blank lines and
     ``#`` comments ignored).
 
@@ -31,6 +32,7 @@ from PIL import Image
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 MIN_FRAMES = 10  # reference dataloader.py skips videos with fewer frames
+YTVOS_ALL_FRAMES = "train_all_frames"  # YouTube-VOS 2019 at 30 fps (reference train_ytvos_all.txt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +187,13 @@ def list_videos(spec: str | os.PathLike, split: str | None = None, min_frames: i
         videos = [_make_video(path, path.stem)]
     elif (path / "JPEGImages" / "480p").is_dir():
         videos = _list_davis(path, split)
-    elif (path / (split or "train") / "JPEGImages").is_dir():
-        videos = _videos_in_folder(path / (split or "train") / "JPEGImages")
+    elif (path / (split or YTVOS_ALL_FRAMES) / "JPEGImages").is_dir():
+        videos = _videos_in_folder(path / (split or YTVOS_ALL_FRAMES) / "JPEGImages")
+    elif split is None and (path / "train" / "JPEGImages").is_dir():
+        raise ValueError(
+            f"{path} holds the 6-fps YouTube-VOS frames train/JPEGImages but no {YTVOS_ALL_FRAMES}/JPEGImages (the "
+            f"30-fps frames the paper trains on): add them, or ask for the 6-fps ones with {path}:train"
+        )
     elif (path / "JPEGImages").is_dir():
         videos = _videos_in_folder(path / "JPEGImages")
     elif _frame_files(path):

@@ -144,7 +144,7 @@ def _stored_mask_token(encoder: str) -> np.ndarray | None:
         return f.get_tensor(_MASK_TOKEN_HF) if _MASK_TOKEN_HF in f.keys() else None
 
 
-def export_flowfeat(checkpoint: str | pathlib.Path, out: str | pathlib.Path, *, decoder: str = "ema",
+def export_flowfeat(checkpoint: str | pathlib.Path, out: str | pathlib.Path, *, decoder: str = "online",
                     use_safetensors: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
     """Writes the reference state dict of a run directory / checkpoint to `out` (.pth, or .safetensors).
 

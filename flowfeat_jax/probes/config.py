@@ -15,7 +15,7 @@ def base_probe_config() -> ml_collections.ConfigDict:
 
     c.features = ml_collections.ConfigDict()
     c.features.run_dir = ""  # trained FlowFeat run dir (or one checkpoints/<step>); '' = build from `model`
-    c.features.decoder = "ema"  # 'ema' (the evaluated model) | 'online'
+    c.features.decoder = "online"  # 'online' (the released model, recipe.md step 12) | 'ema' (the EMA teacher)
     c.features.which = "both"  # 'encoder' | 'flowfeat' | 'both'
     c.model = base_config().model  # used when features.run_dir is '': encoder name/dir, or a random architecture
 
@@ -28,19 +28,27 @@ def base_probe_config() -> ml_collections.ConfigDict:
     c.data.eval_list = ""
     c.data.tfds_data_dir = ""  # '' = the tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)
     c.data.num_classes = 0
-    c.data.input_size = 448  # square side fed to the network; a multiple of 2 x patch (448 fits p14 and p16)
-    # Segmentation labels are resized (nearest) to input_size and scored there.
-    c.data.eval_crop = 480  # depth only: side of the centred evaluation square (NYUv2: 480 x 480)
+    # Square side fed to the network, a multiple of 2 x patch (448 fits p14 and p16); 0 = the largest such side
+    # <= eval_crop (probes/run.py input_sizes).
+    c.data.input_size = 448
+    # Side of the centred square that is scored (segmentation labels resized there, nearest); 0 = input_size.
+    c.data.eval_crop = 0
     c.data.num_workers = 8
 
     c.pamr = ml_collections.ConfigDict()
     c.pamr.enabled = False
+    c.pamr.kernel = "dense"  # 'dense': one size x size kernel (FlowFeat++) | 'rings': dilated 3 x 3 rings (PAMR)
+    c.pamr.size = 11
+    c.pamr.dilations = (1, 2, 3, 4, 5)  # kernel 'rings' only: 11 x 11 span; PAMR's original: (1, 2, 4, 8, 12, 24)
+    c.pamr.num_iter = 10
+    c.pamr.scale = 0.1  # affinity |x_i - x_j| / (scale * local std), PAMR's fixed factor
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 10_000
+    c.train.steps = 100_000  # the paper's probes: up to 100k iterations
     c.train.batch_size = 16
-    c.train.lr = 1e-3  # AdamW, cosine decay to 0 over `steps`
-    c.train.weight_decay = 1e-4
+    # Adam with L2 weight decay (torch Adam weight_decay) at a constant lr, as the paper's probes.
+    c.train.lr = 1e-4
+    c.train.weight_decay = 1e-3
     c.train.log_every = 50
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 2

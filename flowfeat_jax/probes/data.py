@@ -159,7 +159,9 @@ class CocoStuffFolder:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def load(self, index: int, size: int) -> dict[str, np.ndarray]:
+    def load(self, index: int, size: int, crop: int | None = None) -> dict[str, np.ndarray]:
+        """The centre `crop` x `crop` square (short side resized; default `size`): labels (nearest) at that side, the
+        image resized (bilinear) on to the network input `size`."""
         image_path = self.image_dir / f"{self.ids[index]}.jpg"
         label_path = self.label_dir / f"{self.ids[index]}.png"
         for path in (image_path, label_path):
@@ -169,9 +171,11 @@ class CocoStuffFolder:
         if image.size != label.size:
             raise ValueError(f"{label_path}: label size {label.size} differs from image size {image.size}")
         labels = coarse_labels(np.asarray(label), str(label_path))
+        crop = crop or size
+        square = resize_square(image, crop, Image.BILINEAR)
         return {
-            "image": np.asarray(resize_square(image, size, Image.BILINEAR)),
-            "labels": np.asarray(resize_square(Image.fromarray(labels), size, Image.NEAREST)),
+            "image": np.asarray(square if crop == size else square.resize((size, size), Image.BILINEAR)),
+            "labels": np.asarray(resize_square(Image.fromarray(labels), crop, Image.NEAREST)),
         }
 
 

@@ -1,7 +1,8 @@
 """Train and evaluate a dense probe on frozen features from one experiment config (configs/probe_*.py).
 
 `run(config, workdir)` builds the frozen feature model (a trained FlowFeat run dir, or `config.model`: an encoder by
-HF name / local dir, or a random architecture for smoke runs), trains the probe with AdamW (cosine-decayed lr),
+HF name / local dir, or a random architecture for smoke runs), trains the probe with the paper's Adam (L2 weight
+decay, constant lr),
 checkpoints it with orbax (resuming from `workdir/checkpoints`), evaluates, and writes `metrics.json` and prediction
 pictures under `workdir/pictures/`. Features are computed on the fly inside the jitted step (no gradient reaches
 the feature model).
@@ -92,22 +93,38 @@ def make_probe(config: ml_collections.ConfigDict, model) -> nnx.Module:
 
 
 def check_input_size(size: int, patch_size: int) -> None:
-    if size % (2 * patch_size):
+    if size < 2 * patch_size or size % (2 * patch_size):
         multiple = 2 * patch_size
         raise ValueError(f"data.input_size {size} must be a multiple of 2 x patch {patch_size} "
                          f"(e.g. {size // multiple * multiple} or {(size // multiple + 1) * multiple})")
 
 
+def input_sizes(data_cfg: ml_collections.ConfigDict, patch_size: int) -> tuple[int, int]:
+    """(crop, network input) sides: the centred crop that is scored (`eval_crop`; 0 = `input_size`) and the square
+    the network sees (`input_size`; 0 = the largest multiple of 2 x patch <= the crop: 256 -> 256 for patch 16, 252
+    for patch 14), so one config serves both patch sizes."""
+    crop = data_cfg.eval_crop or data_cfg.input_size
+    size = data_cfg.input_size or crop // (2 * patch_size) * 2 * patch_size
+    check_input_size(size, patch_size)
+    return crop, size
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The paper's probe optimiser, torch Adam with weight decay: the L2 term joins the gradient before the moments;
+    constant lr."""
+    return optax.chain(optax.add_decayed_weights(train_cfg.weight_decay), optax.adam(train_cfg.lr))
+
+
 # --- data ---------------------------------------------------------------------------------------------------------
-def make_source(config: ml_collections.ConfigDict, split: str):
-    """(number of items, load(i) -> dict of arrays) for a split of the configured dataset."""
+def make_source(config: ml_collections.ConfigDict, split: str, crop: int, input_size: int):
+    """(number of items, load(i) -> dict of arrays) for a split of the configured dataset, at the `input_sizes`."""
     d = config.data
     if config.task == "segmentation":
         if not d.root:
             raise ValueError("config.data.root is empty: point it at the COCO-Stuff folder (see probes/data.py)")
         image_list = d.train_list if split == d.train_split else d.eval_list
         source = data_lib.CocoStuffFolder(d.root, split, image_list or None)
-        return len(source), lambda i: source.load(i, d.input_size)
+        return len(source), lambda i: source.load(i, input_size, crop)
     if d.source == "tfds":
         source = data_lib.NyuTfds(split, d.tfds_data_dir or None)
     elif d.source == "folder":
@@ -119,7 +136,7 @@ def make_source(config: ml_collections.ConfigDict, split: str):
 
     def load(i):
         image, depth = source.load(i)
-        return data_lib.nyu_sample(image, depth, d.eval_crop, d.input_size, source=f"{split}[{i}]")
+        return data_lib.nyu_sample(image, depth, crop, input_size, source=f"{split}[{i}]")
 
     return len(source), load
 
@@ -173,9 +190,10 @@ def make_eval_step(config: ml_collections.ConfigDict, probe_graphdef, extract: C
         pred = jnp.argmax(logits, axis=-1)
         out = {"pred": pred, "confusion": seg_lib.confusion_matrix(pred, labels, num_classes)}
         if config.pamr.enabled:
-            probs = pamr_lib.pamr(flowfeat, jax.nn.softmax(logits, axis=-1), dilations=tuple(config.pamr.dilations),
-                                  num_iter=config.pamr.num_iter)
-            out["pred_pamr"] = jnp.argmax(probs, axis=-1)
+            c = config.pamr
+            probs = pamr_lib.pamr(flowfeat, jax.nn.softmax(logits, axis=-1), kernel=c.kernel, size=c.size,
+                                  dilations=tuple(c.dilations), num_iter=c.num_iter, scale=c.scale)
+            out["pred_pamr"] = jnp.argmax(seg_lib.resize_bilinear(probs, labels.shape[1:3]), axis=-1)
             out["confusion_pamr"] = seg_lib.confusion_matrix(out["pred_pamr"], labels, num_classes)
         return out
 
@@ -249,10 +267,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     logging.info("config:\n%s", config)
     if config.task == "segmentation" and config.pamr.enabled:
-        pamr_lib.neighbour_offsets(config.pamr.dilations)  # validate before any work
+        pamr_lib.kernel_offsets(config.pamr.kernel, config.pamr.size, config.pamr.dilations)  # before any work
+    tx = make_optimizer(config.train)
 
     model, source = build_feature_model(config)
-    check_input_size(config.data.input_size, model.cfg.encoder.patch_size)
+    crop, input_size = input_sizes(config.data, model.cfg.encoder.patch_size)
     use_encoder = config.features.which in ("encoder", "both")
     use_flowfeat = config.features.which != "encoder" or (config.task == "segmentation" and config.pamr.enabled)
     model_graphdef, model_state = nnx.split(model)
@@ -262,8 +281,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     probe = make_probe(config, model)
     probe_graphdef, probe_state = nnx.split(probe)
     params = nnx.to_pure_dict(probe_state)
-    schedule = optax.cosine_decay_schedule(config.train.lr, max(config.train.steps, 1))
-    tx = optax.adamw(schedule, weight_decay=config.train.weight_decay)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     meta = {"config": json.loads(config.to_json_best_effort()), "features": source, "probe": repr(probe.cfg)}
 
@@ -275,7 +292,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     start = int(state["step"])
 
     train_step = make_train_step(probe_graphdef, extract, make_loss(config), tx)
-    num_train, load_train = make_source(config, config.data.train_split)
+    num_train, load_train = make_source(config, config.data.train_split, crop, input_size)
     stream = data_lib.batches(load_train, num_train, config.train.batch_size, seed=config.seed, start_batch=start,
                               num_workers=config.data.num_workers)
     params, opt_state = state["params"], state["opt_state"]
@@ -302,11 +319,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
             checkpointer.save(done, state, meta)
     checkpointer.close()
 
-    num_eval, load_eval = make_source(config, config.data.eval_split)
+    num_eval, load_eval = make_source(config, config.data.eval_split, crop, input_size)
     eval_step = make_eval_step(config, probe_graphdef, extract)
     metrics = evaluate(config, eval_step, params, model_params, num_eval, load_eval, workdir / "pictures")
     metrics.update(task=config.task, features=config.features.which, feature_source=source,
-                   steps=config.train.steps, last_loss=_last_loss(workdir))
+                   steps=config.train.steps, last_loss=_last_loss(workdir), crop=crop, input_size=input_size)
     (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

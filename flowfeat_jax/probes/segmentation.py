@@ -4,7 +4,9 @@ Mirrors tum-vision/flowfeat probes/attention.py. `CrossAttentionProbe`: C learna
 0.1 * N(0, 1) / dim) attend once to the feature tokens (8 heads, q/k/v projections without bias, output projection
 with bias); the logit of class k at pixel i is the dot product of pixel feature x_i with the attended query y_k,
 divided by the channel count C:  z_ik = <x_i, y_k> / C. Optional LayerNorms (`with_norm`, off in the reference
-defaults) normalise features, queries and attended queries. `downscale` > 1 pools the keys/values bilinearly first.
+defaults) normalise features, queries and attended queries. `downscale` > 1 pools the FlowFeat keys/values bilinearly
+first (the paper downsamples the FlowFeat maps inside the cross-attention for speed); the per-pixel dot product
+still uses the full-resolution features. The encoder-only probe never pools its (already coarse) token grid.
 
 Which features (the reference `AttentionProbing` with two inputs): for 'both' the encoder grid gets a linear (1x1)
 classifier whose logits are upsampled bilinearly (align_corners=False) to the FlowFeat resolution and added to the
@@ -115,7 +117,8 @@ class SegmentationProbe(nnx.Module):
     def __init__(self, cfg: SegmentationProbeConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         types = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        attention = dict(num_heads=cfg.num_heads, with_norm=cfg.with_norm, downscale=cfg.downscale, **types)
+        downscale = cfg.downscale if cfg.flowfeat_dim else 1  # the factor is for the FlowFeat maps only
+        attention = dict(num_heads=cfg.num_heads, with_norm=cfg.with_norm, downscale=downscale, **types)
         attention_dim = cfg.flowfeat_dim or cfg.encoder_dim
         self.attention = CrossAttentionProbe(attention_dim, cfg.num_classes, rngs=rngs, **attention)
         both = cfg.flowfeat_dim and cfg.encoder_dim

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.nnx as nnx
@@ -143,6 +143,7 @@ def ensure_records(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -
     export_cfg = export.ExportConfig(
         method=data_cfg.method,
         checkpoint=data_cfg.checkpoint or None,
+        iters=data_cfg.iters or None,
         gap=data_cfg.gap,
         frame_size=data_cfg.frame_size,
         flow_size=data_cfg.flow_size,
@@ -178,34 +179,45 @@ def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
             seed=config.seed,
             worker_count=data.num_workers,
             read_threads=data.prefetch,
+            timeflip=data.timeflip,
         )
         it = iter(dataset)
         return it, it
     raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {data.source!r}")
 
 
-def validate(
-    eval_cfg: ml_collections.ConfigDict,
-    graphdef: nnx.GraphDef,
-    encoder_params: Any,
-    ema_params: Any,
-    out_dir: pathlib.Path,
-) -> dict[str, float]:
-    """Periodic DAVIS validation of the EMA teacher (the evaluated model): {"eval/<protocol>/<score>": value}."""
-    from flowfeat_jax.eval import features
+# (model with the evaluated decoder, output folder) -> {"eval/<protocol>/<score>": value}; the apps hand it over
+# (flowfeat_jax.validation.davis_validation), so train/ never imports eval/.
+ValidateFn = Callable[[flowfeat_lib.FlowFeat, pathlib.Path], dict[str, float]]
 
-    teacher = nnx.merge(graphdef, {"encoder": encoder_params, "decoder": ema_params})
-    results = features.evaluate_davis(
-        teacher,
-        eval_cfg.davis,
-        out_dir,
-        split=eval_cfg.split,
-        sequences=[s for s in eval_cfg.sequences.split(",") if s],
-        protocols=[p for p in eval_cfg.protocols.split(",") if p],
-        short_side=eval_cfg.short_side,
-        max_frames=eval_cfg.max_frames or None,
-    )
-    return {f"eval/{p}/{k}": v for p, scores in results["flowfeat"].items() for k, v in scores.items()}
+
+class BestCheckpoint:
+    """`eval.keep_best`: the checkpoint of the best validation J&F so far in `workdir/best` (one step), beside the
+    latest ones in `workdir/checkpoints`, as the reference train.py keeps its best snapshots. Its meta records the
+    score, so a resumed run only replaces it with a better one."""
+
+    def __init__(self, directory: pathlib.Path, metric: str):
+        self.metric = metric
+        self.checkpointer = ckpt_lib.Checkpointer(directory, keep=1)
+        step = self.checkpointer.latest_step()
+        best = self.checkpointer.restore_meta(step).get("best", {}) if step is not None else {}
+        self.step, self.value = best.get("step"), best.get("value", -float("inf"))
+
+    def update(self, step: int, scores: dict[str, float], state: Any, meta: dict) -> bool:
+        """Saves `state` when `scores[metric]` beats the best so far; returns whether it did."""
+        if self.metric not in scores:
+            raise TrainingError(f"eval.keep_best: validation returned no {self.metric!r} (got {sorted(scores)})")
+        value = float(scores[self.metric])
+        if not value > self.value or (self.step is not None and step <= self.step):
+            return False
+        best = {"metric": self.metric, "value": value, "step": step}
+        self.checkpointer.save(step, state, {**meta, "best": best})
+        self.step, self.value = step, value
+        logging.info("step %d: best %s = %.4f, saved in %s", step, self.metric, value, self.checkpointer.directory)
+        return True
+
+    def close(self) -> None:
+        self.checkpointer.close()
 
 
 class NonFiniteWatch:
@@ -279,8 +291,19 @@ def _append_jsonl(path: pathlib.Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-    """Trains (or resumes) the run in `workdir` up to `config.train.num_steps`; returns the last logged metrics."""
+def train(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, validate: ValidateFn | None = None
+) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir` up to `config.train.num_steps`; returns the last logged metrics.
+
+    With `config.eval.davis` set, `validate` (flowfeat_jax.validation, handed over by main) scores the model with the `eval.decoder`
+    decoder (online by default, as the reference validates and releases it) every `eval.every` steps and after the
+    last; `eval.keep_best` keeps the best checkpoint by the J&F of the first of `eval.protocols`.
+    """
+    if config.eval.davis and validate is None:
+        raise ValueError("config.eval.davis is set but no validation function was given (flowfeat_jax.main gives one)")
+    if config.eval.decoder not in ("online", "ema"):
+        raise ValueError(f"config.eval.decoder must be 'online' or 'ema', got {config.eval.decoder!r}")
     workdir = pathlib.Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -319,6 +342,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         logging.info("resumed from %s at step %d", checkpointer.directory, start)
     # Written after the checks above, so a refused run leaves the config of the run in `workdir` as it was.
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    best = None
+    if config.eval.davis and config.eval.keep_best:
+        best = BestCheckpoint(workdir / "best", f"eval/{config.eval.protocols.split(',')[0]}/JF_mean")
     start = int(state.step)
     state, encoder_params = sharding.replicate((state, encoder_params), mesh)
 
@@ -362,11 +388,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                     )
                 every = config.eval.every
                 if config.eval.davis and (done == num_steps or (every and done % every == 0)):
-                    scores = validate(
-                        config.eval, graphdef, encoder_params, state.ema_params, workdir / "eval" / f"step_{done}"
-                    )
+                    decoder = state.params if config.eval.decoder == "online" else state.ema_params
+                    model = nnx.merge(graphdef, {"encoder": encoder_params, "decoder": decoder})
+                    scores = validate(model, workdir / "eval" / f"step_{done}")
+                    if best is not None and best.update(done, scores, state, meta):
+                        scores = {**scores, "eval/best_step": done}
                     _append_jsonl(metrics_path, {"step": done, **scores})
                     last.update(scores)
         finally:
             checkpointer.close()
+            if best is not None:
+                best.close()
     return last
