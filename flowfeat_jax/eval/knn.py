@@ -25,8 +25,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from PIL import Image
+
+from flowfeat_jax.progress import progress
 
 
 def resize_labels_nearest(labels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -130,6 +131,6 @@ def knn_segment(features: jax.Array, first_annotation: np.ndarray, input_hw: tup
     first = jax.nn.one_hot(resize_labels_nearest(first_annotation, (h, w)), num_classes)
     soft = propagate(jnp.asarray(features), first, n_last_frames=n_last_frames, topk=topk,
                      temperature=temperature, radius=radius, query_batch=query_batch)
-    labels = labels_from_soft(tqdm.tqdm(soft[1:], desc="knn upsample", leave=False), input_hw,
+    labels = labels_from_soft(progress(soft[1:], desc="knn upsample", leave=False), input_hw,
                               first_annotation.shape)
     return np.concatenate([np.asarray(first_annotation, np.uint8)[None], labels])

@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-import tqdm
 from PIL import Image
 
 from flowfeat_jax.eval import davis, jf, knn, linear_probe
+from flowfeat_jax.progress import progress
 
 PROTOCOLS = ("knn", "linear")
 FeatureFn = Callable[[np.ndarray], dict]
@@ -104,7 +104,7 @@ def evaluate_sequences(feature_fn: FeatureFn, davis_root: str | pathlib.Path, se
     protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols)
     sequences = list(sequences) if sequences else davis.list_sequences(davis_root, split)
     out_dir = pathlib.Path(out_dir)
-    for sequence in tqdm.tqdm(sequences, desc="DAVIS sequences"):
+    for sequence in progress(sequences, desc="DAVIS sequences"):
         frames = davis.read_frames(davis_root, sequence, max_frames=max_frames)
         annotations, frame_ids = davis.read_annotations(davis_root, sequence, max_frames=max_frames)
         if len(frames) != len(annotations):

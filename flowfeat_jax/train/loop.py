@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from flowfeat_jax import cli
 from flowfeat_jax.models import flowfeat as flowfeat_lib
+from flowfeat_jax.progress import progress
 from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import sharding
 from flowfeat_jax.train import step as step_lib
@@ -327,7 +327,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     metrics_path = workdir / "metrics.jsonl"
     last: dict[str, float] = {}
     watch = NonFiniteWatch(config.train.max_nonfinite)
-    bar = tqdm(
+    bar = progress(
         range(start, num_steps),
         initial=start,
         total=num_steps,
