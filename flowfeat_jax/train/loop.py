@@ -28,6 +28,7 @@ from flowfeat_jax import cli
 from flowfeat_jax.models import flowfeat as flowfeat_lib
 from flowfeat_jax.progress import progress
 from flowfeat_jax.train import checkpoint as ckpt_lib
+from flowfeat_jax.train import metric_writer
 from flowfeat_jax.train import sharding
 from flowfeat_jax.train import step as step_lib
 
@@ -272,11 +273,11 @@ def warn_half_written(directory: pathlib.Path) -> None:
                 print(f"warning: ignoring half-written checkpoint {path}", file=sys.stderr)
 
 
-def _append_jsonl(path: pathlib.Path, record: dict) -> None:
-    if jax.process_index() != 0:  # one writer in a multi-host run
-        return
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+def read_pictures(directory: pathlib.Path) -> dict[str, np.ndarray]:
+    """{"pca/<sequence>": RGB uint8} of the PCA pictures an evaluation wrote."""
+    from PIL import Image
+
+    return {f"pca/{p.stem}": np.asarray(Image.open(p).convert("RGB")) for p in sorted(directory.glob("*.png"))}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
@@ -289,6 +290,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             f"cannot create workdir {workdir}: {e.strerror or e}; give a --workdir in a writable folder"
         ) from e
     logging.info("config:\n%s", config)
+    writer = metric_writer.MetricWriter(workdir, tensorboard=config.log.tensorboard,
+                                        wandb_project=config.log.wandb_project,
+                                        config=json.loads(config.to_json_best_effort()),
+                                        enabled=jax.process_index() == 0)
 
     model, encoder_source = build_flowfeat(config.model, config.seed)
     try:
@@ -324,7 +329,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
     train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, step_config(config)))
     num_steps, batch_size = config.train.num_steps, config.train.batch_size
-    metrics_path = workdir / "metrics.jsonl"
     last: dict[str, float] = {}
     watch = NonFiniteWatch(config.train.max_nonfinite)
     bar = progress(
@@ -351,7 +355,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     last["img_per_s"] = batch_size * (done - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, done
-                    _append_jsonl(metrics_path, {"step": done, **last})
+                    writer.scalars(done, last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.1f}")
                 if done % config.train.checkpoint_every == 0 or done == num_steps or stop.received:
                     checkpointer.save(done, state, meta, data_iterator)
@@ -365,8 +369,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                     scores = validate(
                         config.eval, graphdef, encoder_params, state.ema_params, workdir / "eval" / f"step_{done}"
                     )
-                    _append_jsonl(metrics_path, {"step": done, **scores})
+                    writer.scalars(done, scores)
+                    writer.images(done, read_pictures(workdir / "eval" / f"step_{done}" / "pca"))
                     last.update(scores)
         finally:
             checkpointer.close()
+            writer.close()
     return last
