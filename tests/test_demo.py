@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import read_tensorboard_events
 from PIL import Image
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ def run_module(module, *args):
 def demo_run(tmp_path_factory):
     """The demo with 4 steps instead of 150 and validation on the clip's first 6 frames."""
     workdir = tmp_path_factory.mktemp("demo")
-    run_module(
+    result = run_module(
         "flowfeat_jax.main",
         "--config",
         "configs/demo.py",
@@ -35,6 +36,7 @@ def demo_run(tmp_path_factory):
         "--config.train.checkpoint_every=2",
         "--config.eval.max_frames=6",
     )
+    (workdir.parent / f"{workdir.name}_stdout.txt").write_text(result.stdout)
     return workdir
 
 
@@ -49,6 +51,28 @@ def test_demo_exports_trains_checkpoints_scores_and_draws(demo_run):
     picture = np.asarray(Image.open(demo_run / "eval" / "step_4" / "pca" / "blackswan.png"))
     assert picture.shape == (224, 3 * 392, 3)  # frame | encoder PCA | FlowFeat PCA at the 224 x 392 input
     assert (demo_run / "eval" / "step_4" / "flowfeat" / "knn" / "SCORES.json").is_file()
+    assert 0.0 <= score["eval/encoder/knn/JF_mean"] <= 1.0  # the final validation scores the encoder too
+
+
+def test_demo_ends_with_encoder_vs_flowfeat_table_and_picture_paths(demo_run):
+    stdout = (demo_run.parent / f"{demo_run.name}_stdout.txt").read_text()
+    table = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert table[0] == "| features | protocol | J&F | J | F |"
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in table[2:]}
+    assert set(rows) == {("encoder", "knn"), ("flowfeat", "knn")}
+    for row in rows.values():
+        assert 0.0 <= float(row.split("|")[3]) <= 1.0
+    assert str(demo_run / "eval" / "step_4" / "pca" / "blackswan.png") in stdout.splitlines()[-1]
+    assert (demo_run / "eval" / "step_4" / "table.md").read_text().splitlines() == table
+
+
+def test_demo_writes_tensorboard_events(demo_run):
+    events = read_tensorboard_events(demo_run)
+    tags = {(step, tag) for step, tag, _ in events}
+    assert {(4, "train/loss"), (4, "train/grad_norm"), (4, "train/ema_decay"), (4, "train/img_per_s"),
+            (4, "eval/knn/JF_mean"), (4, "eval/encoder/knn/JF_mean"), (4, "pca/blackswan")} <= tags
+    (picture,) = [value for step, tag, value in events if tag == "pca/blackswan"]
+    assert picture.shape == (224, 3 * 392, 3)
 
 
 def test_demo_rerun_resumes_and_keeps_the_export(demo_run):

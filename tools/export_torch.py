@@ -12,11 +12,13 @@ import sys
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flowfeat_jax.cli import HelpFormatter  # light: --help answers at once
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run directory or one checkpoints/<step> folder")
     parser.add_argument("--out", required=True, help="output file (.pth, or .safetensors with --safetensors)")
     parser.add_argument("--safetensors", action="store_true", help="write safetensors instead of torch.save")
-    parser.add_argument("--decoder", choices=("ema", "online"), default="ema", help="which decoder (default: ema)")
+    parser.add_argument("--decoder", choices=("ema", "online"), default="ema", help="which decoder")
     parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
     return parser.parse_args(argv)
 

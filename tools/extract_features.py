@@ -39,7 +39,9 @@ IMAGE_HINT = ".jpg/.jpeg/.png"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flowfeat_jax.cli import HelpFormatter  # light: --help answers at once
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="FlowFeat run directory, checkpoints/<step> folder, or .pth/.safetensors")
     source.add_argument("--encoder", help="Hugging Face encoder alone: hub name or local directory")
@@ -49,13 +51,11 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="NAME.npz for one image; a new folder (array store) for frames")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                         help="model input size (default: the frame size rounded to multiples of 2 x patch)")
-    parser.add_argument("--stride", type=int, default=4, help="FlowFeat average-pooling factor, 1 = full size "
-                        "(default: %(default)s)")
-    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
-                        help="stored dtype (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="frames per compiled call (default: %(default)s)")
+    parser.add_argument("--stride", type=int, default=4, help="FlowFeat average-pooling factor, 1 = full size")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored dtype")
+    parser.add_argument("--batch-size", type=int, default=8, help="frames per compiled call")
     parser.add_argument("--decoder", choices=("online", "ema"), default="online",
-                        help="--checkpoint decoder (default: %(default)s, the released model)")
+                        help="--checkpoint decoder (online: the released model)")
     parser.add_argument("--pca", help="optional PNG: 3-component PCA of the (first) frame's features")
     parser.add_argument("--pos-interp", choices=("hf", "hub"), help="--encoder position resizing (default: hf)")
     parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")

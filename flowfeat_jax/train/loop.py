@@ -191,8 +191,11 @@ def validate(
     encoder_params: Any,
     ema_params: Any,
     out_dir: pathlib.Path,
+    feature_kinds: tuple[str, ...] = ("flowfeat",),
 ) -> dict[str, float]:
-    """Periodic DAVIS validation of the EMA teacher (the evaluated model): {"eval/<protocol>/<score>": value}."""
+    """Periodic DAVIS validation of the EMA teacher (the evaluated model): {"eval/<protocol>/<score>": value} for
+    FlowFeat and {"eval/encoder/<protocol>/<score>": value} for the encoder when `feature_kinds` has it; the table of
+    every kind goes to `out_dir/table.md`."""
     from flowfeat_jax.eval import features
 
     teacher = nnx.merge(graphdef, {"encoder": encoder_params, "decoder": ema_params})
@@ -205,8 +208,12 @@ def validate(
         protocols=[p for p in eval_cfg.protocols.split(",") if p],
         short_side=eval_cfg.short_side,
         max_frames=eval_cfg.max_frames or None,
+        feature_kinds=feature_kinds,
     )
-    return {f"eval/{p}/{k}": v for p, scores in results["flowfeat"].items() for k, v in scores.items()}
+    (out_dir / "table.md").write_text(features.results_table(results) + "\n")
+    prefixes = {"flowfeat": "eval", "encoder": "eval/encoder"}
+    return {f"{prefixes[kind]}/{p}/{k}": v for kind, by_protocol in results.items()
+            for p, scores in by_protocol.items() for k, v in scores.items()}
 
 
 class NonFiniteWatch:
@@ -366,9 +373,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                     )
                 every = config.eval.every
                 if config.eval.davis and (done == num_steps or (every and done % every == 0)):
-                    scores = validate(
-                        config.eval, graphdef, encoder_params, state.ema_params, workdir / "eval" / f"step_{done}"
-                    )
+                    # The frozen encoder's score never changes: it is computed once, beside the final FlowFeat one.
+                    kinds = ("encoder", "flowfeat") if done == num_steps else ("flowfeat",)
+                    scores = validate(config.eval, graphdef, encoder_params, state.ema_params,
+                                      workdir / "eval" / f"step_{done}", kinds)
                     writer.scalars(done, scores)
                     writer.images(done, read_pictures(workdir / "eval" / f"step_{done}" / "pca"))
                     last.update(scores)
