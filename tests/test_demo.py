@@ -75,6 +75,33 @@ def test_demo_writes_tensorboard_events(demo_run):
     assert picture.shape == (224, 3 * 392, 3)
 
 
+def readme_python_blocks(containing: str) -> list[str]:
+    text = (REPO / "README.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+    return [block for block in blocks if containing in block]
+
+
+def test_readme_python_snippets_run_on_the_demo_run_and_its_export(demo_run):
+    """The README's load() example and its PyTorch example (on the demo's own export), pasted as written, with
+    runs/demo pointing at this run."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    export = subprocess.run([sys.executable, "tools/export_torch.py", "--checkpoint", str(demo_run), "--out",
+                             str(demo_run / "flowfeat.pth")], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert "at no decoder input size" in export.stdout and "37x37" in export.stdout  # the note names no invalid size
+    (load_block,) = readme_python_blocks("flowfeat_jax.load(")
+    (torch_block,) = readme_python_blocks("load_torch_flowfeat(")
+    script = load_block + "print(encoder.shape, flowfeat.shape)\n" + torch_block
+    script = script.replace('"runs/demo', f'"{demo_run}')
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jax_shapes, torch_shapes = result.stdout.strip().splitlines()[-2:]
+    assert jax_shapes == "(18, 30, 96) (252, 420, 64)" and "(18, 30, 96), (252, 420, 64)" in load_block
+    assert torch_shapes == "torch.Size([1, 96, 16, 30]) torch.Size([1, 64, 224, 420])" and torch_shapes in torch_block
+
+
 def test_demo_rerun_resumes_and_keeps_the_export(demo_run):
     flow_before = {p.name: p.stat().st_mtime_ns for p in (demo_run / "flow").iterdir()}
     run_module(
