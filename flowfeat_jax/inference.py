@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import tempfile
 
 import flax.nnx as nnx
 import jax
@@ -154,9 +155,7 @@ def load(path: str | pathlib.Path, *, decoder: str = "online", size: tuple[int, 
     any, is the "ema" one). See FeatureExtractor for the call.
     """
     if is_weights_file(path):
-        import tempfile
-
-        from flowfeat_jax.ports.flowfeat import import_flowfeat
+        from flowfeat_jax.ports.flowfeat import import_flowfeat  # ports import this module (export_flowfeat)
 
         with tempfile.TemporaryDirectory(prefix="flowfeat_load_") as tmp:  # the import's run dir, read back at once
             model, _, _ = load_flowfeat(import_flowfeat(path, pathlib.Path(tmp) / "run"), decoder=decoder)

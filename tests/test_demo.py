@@ -37,6 +37,7 @@ def demo_run(tmp_path_factory):
         "--config.eval.max_frames=6",
     )
     (workdir.parent / f"{workdir.name}_stdout.txt").write_text(result.stdout)
+    (workdir.parent / f"{workdir.name}_stderr.txt").write_text(result.stderr)
     return workdir
 
 
@@ -64,6 +65,9 @@ def test_demo_ends_with_encoder_vs_flowfeat_table_and_picture_paths(demo_run):
         assert 0.0 <= float(row.split("|")[3]) <= 1.0
     assert str(demo_run / "eval" / "step_4" / "pca" / "blackswan.png") in stdout.splitlines()[-1]
     assert (demo_run / "eval" / "step_4" / "table.md").read_text().splitlines() == table
+    stderr = (demo_run.parent / f"{demo_run.name}_stderr.txt").read_text()  # a pipe, not a terminal
+    assert "\r" not in stderr and "\x1b" not in stderr
+    assert any(line.startswith("train: 100%") and "4/4" in line for line in stderr.splitlines())
 
 
 def test_demo_writes_tensorboard_events(demo_run):

@@ -57,7 +57,7 @@ class MetricWriter:
             import wandb
 
             self._wandb_run = wandb.init(project=self._wandb_project, name=self.workdir.name, dir=str(self.workdir),
-                                         config=self._config, resume="allow")
+                                         config=self._config)
         return self._tb, self._wandb_run
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
