@@ -35,20 +35,19 @@ import time
 
 import numpy as np
 
-IMAGE_HINT = ".jpg/.jpeg/.png"
-
-
 def parse_args(argv):
-    from flowfeat_jax.cli import HelpFormatter  # light: --help answers at once
+    from flowfeat_jax.cli import HelpFormatter  # both light: --help answers at once
+    from flowfeat_jax.data.videos import FRAME_SUFFIXES, VIDEO_SUFFIXES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="FlowFeat run directory, checkpoints/<step> folder, or .pth/.safetensors")
     source.add_argument("--encoder", help="Hugging Face encoder alone: hub name or local directory")
     parser.add_argument("--input", "--image", dest="input", required=True,
-                        help=f"an image, a folder of {IMAGE_HINT} frames, a video file (.mp4/.webm/.avi/.mkv/.mov) "
-                             "or a quoted glob of images")
-    parser.add_argument("--out", required=True, help="NAME.npz for one image; a new folder (array store) for frames")
+                        help=f"an image, a folder of {'/'.join(FRAME_SUFFIXES)} frames, a video file "
+                             f"({'/'.join(VIDEO_SUFFIXES)}) or a quoted glob of images")
+    parser.add_argument("--out", required=True, help="NAME.npz for one image; for several frames a folder (array "
+                        "store; an existing one is replaced once the new one is complete)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                         help="model input size (default: the frame size rounded to multiples of 2 x patch)")
     parser.add_argument("--stride", type=int, default=4, help="FlowFeat average-pooling factor, 1 = full size")
