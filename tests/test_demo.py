@@ -85,6 +85,7 @@ def readme_python_blocks(containing: str) -> list[str]:
     return [block for block in blocks if containing in block]
 
 
+@pytest.mark.slow
 def test_readme_python_snippets_run_on_the_demo_run_and_its_export(demo_run):
     """The README's load() example and its PyTorch example (on the demo's own export), pasted as written, with
     runs/demo pointing at this run."""

@@ -198,6 +198,7 @@ def test_folder_glob_and_mp4_in_batches_equal_per_image(tiny_flowfeat_run, tmp_p
     assert not np.allclose(decoded[0], decoded[4])  # the frames differ, so a row mix-up would fail above
 
 
+@pytest.mark.slow
 def test_load_run_dir_and_exported_pth_equal_extract_features(tiny_flowfeat_run, tmp_path):
     _, run = tiny_flowfeat_run
     frame = _frames(1)[0]
