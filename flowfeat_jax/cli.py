@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -76,3 +77,22 @@ def absl_flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
             sys.exit(2)
 
     return parse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of the argparse tools: the module docstring as written, and "(default: X)" after every option that has
+    a default (not after those without one, where argparse's own formatter would print "default: None")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and "%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def hide_default_in_help(flag_name: str) -> None:
+    """ml_collections' config flags print "(default: 'None')" in absl's --help when they have no default (a required
+    or optional config file): drop that line."""
+    from absl import flags
+
+    flags.FLAGS[flag_name].default_as_str = None

@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.decoder = "online"  # decoder validated: 'online' (reference train.py, the released model) | 'ema'
     c.eval.short_side = 480  # evaluation input short side (rounded down to an even token grid)
     c.eval.max_frames = 0  # truncate sequences for quick checks (0 = all frames)
+
+    c.log = ml_collections.ConfigDict()
+    c.log.tensorboard = True  # TensorBoard event files beside metrics.jsonl (tensorboardX, no TensorFlow)
+    c.log.wandb_project = ""  # W&B project to log to ('' = none; needs `pip install wandb`)
     return c
 
 

@@ -17,8 +17,14 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from flowfeat_jax import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with a checkpoint (or one checkpoints/<step> folder).")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config to build a model from when there is no checkpoint.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Optional, instead of --workdir: a config file (configs/<name>.py) whose model (its encoder, an "
+    "untrained decoder) is evaluated."
+)
+cli.hide_default_in_help("config")
 _DAVIS = flags.DEFINE_string("davis", None, "DAVIS root (JPEGImages/480p, Annotations/480p, ImageSets).")
 _SPLIT = flags.DEFINE_string("split", "val", "Sequence list ImageSets/<split>.txt.")
 _SEQUENCES = flags.DEFINE_list("sequences", [], "Subset of the split's sequences.")
@@ -90,7 +96,6 @@ def run() -> pathlib.Path:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from flowfeat_jax import cli
 
     if not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)
@@ -98,6 +103,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from flowfeat_jax import cli
 
     app.run(main, flags_parser=cli.absl_flags_parser("flowfeat_jax.evaluate"))

@@ -7,11 +7,18 @@ resumes from the latest checkpoint in `--workdir` automatically.
 from __future__ import annotations
 
 import os
+import pathlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+from flowfeat_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Required. Experiment config file: configs/<name>.py (e.g. configs/demo.py) or any .py with "
+    "get_config(); change fields with --config.<group>.<field>=<value>.", lock_config=True
+)
+cli.hide_default_in_help("config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file stem>).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors.")
 
@@ -23,7 +30,6 @@ def default_workdir(config_path: str) -> str:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from flowfeat_jax import cli
     from flowfeat_jax.train import loop, sharding
     from flowfeat_jax.validation import davis_validation
 
@@ -36,12 +42,16 @@ def main(argv: list[str]) -> int:
     def train():
         final = loop.train(config, workdir, validate=davis_validation(config.eval) if config.eval.davis else None)
         print(f"done: {workdir} " + " ".join(f"{k}={v:.4g}" for k, v in final.items()))
+        evaluated = pathlib.Path(workdir) / "eval" / f"step_{config.train.num_steps}"
+        if (evaluated / "table.md").is_file():  # the final validation: encoder vs FlowFeat on config.eval.davis
+            print(f"DAVIS J&F at step {config.train.num_steps} ({config.eval.davis}, split {config.eval.split}):")
+            print((evaluated / "table.md").read_text().rstrip())
+            print("pictures (frame | encoder PCA | FlowFeat PCA): " +
+                  " ".join(str(p) for p in sorted((evaluated / "pca").glob("*.png"))))
 
     return cli.run_guarded(train, prog="flowfeat_jax.main", verbose=_VERBOSE.value)
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    from flowfeat_jax import cli
-
     app.run(main, flags_parser=cli.absl_flags_parser("flowfeat_jax.main"))

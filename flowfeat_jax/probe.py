@@ -12,7 +12,13 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Probe config file (configs/probe_*.py).", lock_config=True)
+from flowfeat_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Required. Probe config file: configs/probe_cocostuff.py or configs/probe_nyu.py; change fields "
+    "with --config.<group>.<field>=<value>.", lock_config=True
+)
+cli.hide_default_in_help("config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file stem>).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors.")
 
@@ -20,7 +26,6 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors."
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from flowfeat_jax import cli
     from flowfeat_jax.probes import run as run_lib
 
     if not _VERBOSE.value:
@@ -38,6 +43,5 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    from flowfeat_jax import cli
 
     app.run(main, flags_parser=cli.absl_flags_parser("flowfeat_jax.probe"))

@@ -9,16 +9,18 @@ import pathlib
 
 import ml_collections
 
+from flowfeat_jax.eval import features
 from flowfeat_jax.models.flowfeat import FlowFeat
+
+SCORE_PREFIXES = {"flowfeat": "eval", "encoder": "eval/encoder"}
 
 
 def davis_validation(eval_cfg: ml_collections.ConfigDict):
-    """validate(model, out_dir) -> {"eval/<protocol>/<score>": value}: the FlowFeat rows of `eval.protocols` on
-    `eval.davis` (its split, sequences, short side and frame limit)."""
+    """validate(model, out_dir, kinds) -> {"eval/<protocol>/<score>": value} for the FlowFeat row, plus
+    {"eval/encoder/<protocol>/<score>": value} when `kinds` has "encoder", on `eval.davis` (its split, sequences,
+    protocols, short side and frame limit); the table of every row goes to `out_dir/table.md`."""
 
-    def validate(model: FlowFeat, out_dir: pathlib.Path) -> dict[str, float]:
-        from flowfeat_jax.eval import features
-
+    def validate(model: FlowFeat, out_dir: pathlib.Path, kinds: tuple[str, ...] = ("flowfeat",)) -> dict[str, float]:
         results = features.evaluate_davis(
             model,
             eval_cfg.davis,
@@ -26,9 +28,12 @@ def davis_validation(eval_cfg: ml_collections.ConfigDict):
             split=eval_cfg.split,
             sequences=[s for s in eval_cfg.sequences.split(",") if s],
             protocols=[p for p in eval_cfg.protocols.split(",") if p],
+            feature_kinds=kinds,
             short_side=eval_cfg.short_side,
             max_frames=eval_cfg.max_frames or None,
         )
-        return {f"eval/{p}/{k}": v for p, scores in results["flowfeat"].items() for k, v in scores.items()}
+        (pathlib.Path(out_dir) / "table.md").write_text(features.results_table(results) + "\n")
+        return {f"{SCORE_PREFIXES[kind]}/{p}/{k}": v for kind, by_protocol in results.items()
+                for p, scores in by_protocol.items() for k, v in scores.items()}
 
     return validate

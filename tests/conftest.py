@@ -1,4 +1,4 @@
-"""Shared test fixtures: f32 matmuls, quiet torch threads, and the DAVIS-2016 subset."""
+"""Shared test fixtures: f32 matmuls, quiet torch threads, the DAVIS-2016 subset, a TensorBoard event reader."""
 
 import os
 import pathlib
@@ -8,6 +8,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # Parity tests compare against torch in f32; XLA's default CPU matmul precision is already f32, but make it explicit.
@@ -70,3 +71,29 @@ def random_images(height, width, batch=2, seed=0):
     import numpy as np
 
     return np.random.default_rng(seed).standard_normal((batch, height, width, 3)).astype(np.float32)
+
+
+def read_tensorboard_events(directory) -> list[tuple[int, str, object]]:
+    """(step, tag, value) of every summary in the event files of `directory`: the float of a scalar, the decoded
+    uint8 array of an image. A plain TFRecord reader (u64 length, u32 crc, data, u32 crc) over tensorboardX's
+    protobuf classes, so reading needs neither TensorFlow nor tensorboard."""
+    import io
+    import struct
+
+    from PIL import Image
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(pathlib.Path(directory).glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    picture = np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string)))
+                    out.append((event.step, value.tag, picture))
+                else:
+                    out.append((event.step, value.tag, value.simple_value))
+    return out

@@ -391,7 +391,7 @@ def frame_png(tmp_path) -> pathlib.Path:
     "case, named",
     [
         ("missing image", ["no_such.jpg"]),
-        ("corrupt image", ["corrupt.jpg", "cannot read image"]),
+        ("corrupt image", ["corrupt.jpg", "cannot decode image"]),
         ("size off the grid", ["42x56", "multiples of 28"]),
         ("output under a file", ["afile", "does not exist"]),
     ],

@@ -205,11 +205,13 @@ def test_extract_features_tool(hf_models, tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (70, 100, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "frame.png")
     out = tmp_path / "feats.npz"
-    assert tool.main(["--encoder", str(directory), "--image", str(tmp_path / "frame.png"), "--out", str(out)]) == 0
+    argv = ["--encoder", str(directory), "--image", str(tmp_path / "frame.png"), "--out", str(out), "--dtype", "float32"]
+    assert tool.main(argv) == 0
     features = np.load(out)["encoder"]
     assert features.shape == (4, 6, 32)  # 70x100 -> nearest multiples of 16: 64x96
     model = from_pretrained(directory)
-    expected = forward(model, jnp.asarray(tool.load_image(str(tmp_path / "frame.png"), None, 16))[None])
+    resized = np.asarray(Image.fromarray(image).resize((96, 64), Image.BILINEAR))
+    expected = forward(model, step_lib.normalize_images(jnp.asarray(resized))[None])  # the tool's normalisation
     np.testing.assert_allclose(features, np.asarray(patch_tokens(expected.last_hidden_state, model.cfg,
                                                                  expected.grid)[0]), atol=1e-6, rtol=0)
 

@@ -2,16 +2,19 @@
 tiny imported FlowFeat run directory (--checkpoint) against the torch FlowFeat."""
 
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 from PIL import Image
 
+import flowfeat_jax
 from flowfeat_jax.ports.flowfeat import import_flowfeat
 from flowfeat_jax.torch_ref.flowfeat import TorchFlowFeat, TorchFlowFeatConfig
 from flowfeat_jax.torch_ref.vit import HubViTConfig
@@ -46,7 +49,7 @@ def test_features_match_transformers_on_davis_frame(davis_root, tiny_registers_m
     model, directory = tiny_registers_model
     frame = sorted((davis_root / "JPEGImages" / "480p").glob("*/00000.jpg"))[0]
     result = _run("--encoder", directory, "--image", frame, "--out", tmp_path / "feats.npz", "--pca",
-                  tmp_path / "pca.png")
+                  tmp_path / "pca.png", "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     features = np.load(tmp_path / "feats.npz")["encoder"]
     with Image.open(frame) as image:  # 854x480 -> nearest multiples of 14: 476 x 854
@@ -119,7 +122,7 @@ def test_checkpoint_writes_encoder_and_flowfeat_features(tiny_flowfeat_run, tmp_
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (100, 150, 3), np.uint8)).save(tmp_path / "frame.png")
     argv = ["--checkpoint", str(run), "--image", str(tmp_path / "frame.png"), "--out", str(tmp_path / "feats.npz"),
-            "--pca", str(tmp_path / "pca.png")]
+            "--pca", str(tmp_path / "pca.png"), "--stride", "1", "--dtype", "float32"]
     assert _tool_main()(argv) == 0
     saved = np.load(tmp_path / "feats.npz")
     height, width = 112, 140  # 100 x 150 rounded to multiples of 2 * 14 (the decoder needs an even token grid)
@@ -151,3 +154,125 @@ def test_checkpoint_bad_input_is_one_clear_line(tiny_flowfeat_run, tmp_path, cap
     stderr = capsys.readouterr().err
     assert str(missing) in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "feats.npz").exists()
+
+
+# --- many frames, load(), the online default, 16-bit frames, outputs checked first ---------------------------------
+
+
+def _frames(count=5, size=(100, 150)):
+    """Smooth moving blobs (they survive H.264 well enough to be a video, and differ frame to frame)."""
+    yy, xx = np.mgrid[: size[0], : size[1]]
+    return [np.stack([(128 + 100 * np.sin((xx + 7 * t) / 9 + c) * np.cos(yy / 11)).astype(np.uint8)
+                      for c in range(3)], axis=-1) for t in range(count)]
+
+
+def test_folder_glob_and_mp4_in_batches_equal_per_image(tiny_flowfeat_run, tmp_path):
+    from test_videos import write_mp4
+
+    from flowfeat_jax.data import videos
+
+    _, run = tiny_flowfeat_run
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    frames = _frames()
+    for t, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"{t:05d}.png")
+    decoded = write_mp4(tmp_path / "clip.mp4", 5, size=(150, 100))
+    decoded = list(videos.iter_frames(videos.list_videos(tmp_path / "clip.mp4", min_frames=1).videos[0]))
+    per_image = flowfeat_jax.load(run, stride=2)  # one frame per call
+    main = _tool_main()
+    options = ["--checkpoint", str(run), "--stride", "2", "--dtype", "float32", "--batch-size", "2"]  # 2 + 2 + 1
+    for source, name, expected_frames in ((folder, "folder", frames), (f"{folder}/*.png", "glob", frames),
+                                          (tmp_path / "clip.mp4", "mp4", decoded)):
+        assert main([*options, "--input", str(source), "--out", str(tmp_path / name)]) == 0
+        encoder = np.load(tmp_path / name / "encoder.npy", mmap_mode="r")
+        flowfeat = np.load(tmp_path / name / "flowfeat.npy", mmap_mode="r")
+        assert encoder.shape == (5, 8, 10, 64) and flowfeat.shape == (5, 56, 70, 16)  # 112 x 140 input, stride 2
+        for t, frame in enumerate(expected_frames):
+            expected_encoder, expected_flowfeat = per_image(frame)
+            np.testing.assert_allclose(encoder[t], expected_encoder, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(flowfeat[t], expected_flowfeat, atol=1e-5, rtol=0)
+        info = json.loads((tmp_path / name / "info.json").read_text())
+        assert info["num_frames"] == 5 and info["input_size"] == [112, 140] and info["stride"] == 2
+        assert len((tmp_path / name / "frames.txt").read_text().splitlines()) == 5
+    assert not np.allclose(decoded[0], decoded[4])  # the frames differ, so a row mix-up would fail above
+
+
+@pytest.mark.slow
+def test_load_run_dir_and_exported_pth_equal_extract_features(tiny_flowfeat_run, tmp_path):
+    _, run = tiny_flowfeat_run
+    frame = _frames(1)[0]
+    Image.fromarray(frame).save(tmp_path / "frame.png")
+    argv = ["--checkpoint", str(run), "--image", str(tmp_path / "frame.png"), "--out", str(tmp_path / "feats.npz"),
+            "--dtype", "float32", "--stride", "1"]
+    assert _tool_main()(argv) == 0
+    saved = np.load(tmp_path / "feats.npz")
+    spec = importlib.util.spec_from_file_location("export_torch", REPO_ROOT / "tools" / "export_torch.py")
+    export_torch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export_torch)
+    assert export_torch.main(["--checkpoint", str(run), "--out", str(tmp_path / "exported.pth")]) == 0
+    for source in (run, tmp_path / "exported.pth"):
+        encoder, flowfeat = flowfeat_jax.load(source)(jnp.asarray(frame))  # a JAX array, 100 x 150 -> 112 x 140
+        np.testing.assert_allclose(encoder, saved["encoder"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(flowfeat, saved["flowfeat"], atol=1e-5, rtol=0)
+    batch_encoder, batch_flowfeat = flowfeat_jax.load(run, size=(56, 84))(np.stack([frame, frame[::-1]]))
+    assert batch_encoder.shape == (2, 4, 6, 64) and batch_flowfeat.shape == (2, 56, 84, 16)
+
+
+def test_online_decoder_is_the_default(tmp_path):
+    """A file with a distinct EMA decoder: load() and the tool use the online one unless asked for the EMA."""
+    encoder = HubViTConfig(patch_size=14, hidden_size=64, num_layers=4, num_heads=1, mlp_dim=128, pos_grid=4)
+    torch.manual_seed(1)
+    model = TorchFlowFeat(TorchFlowFeatConfig(encoder, (64,) * 4, 16, (0, 1, 2, 3))).eval()
+    state = model.state_dict()
+    state.update({"decoder_ema.ema_model." + k[len("decoder."):]: v + 0.05 * torch.randn_like(v)
+                  for k, v in state.items() if k.startswith("decoder.")})
+    torch.save(state, tmp_path / "snapshot.pth")
+    run = import_flowfeat(tmp_path / "snapshot.pth", tmp_path / "run")
+    frame = _frames(1, (56, 56))[0]
+    pixels = torch.from_numpy((frame.astype(np.float32) / 255 - MEAN) / STD).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        online = model(pixels)[1][0].permute(1, 2, 0).numpy()
+    _, default = flowfeat_jax.load(run)(frame)
+    _, ema = flowfeat_jax.load(run, decoder="ema")(frame)
+    np.testing.assert_allclose(default, online, atol=1e-4, rtol=0)
+    assert np.abs(ema - online).max() > 1e-2
+    Image.fromarray(frame).save(tmp_path / "frame.png")
+    argv = ["--checkpoint", str(run), "--image", str(tmp_path / "frame.png"), "--out", str(tmp_path / "f.npz"),
+            "--dtype", "float32", "--stride", "1"]
+    assert _tool_main()(argv) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "f.npz")["flowfeat"], online, atol=1e-4, rtol=0)
+
+
+def test_16_bit_png_is_scaled_by_its_bit_depth(tiny_flowfeat_run, tmp_path):
+    _, run = tiny_flowfeat_run
+    grey16 = (np.linspace(0, 65535, 56 * 84).reshape(56, 84)).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode == "I;16"
+    grey8 = np.round(grey16 / 257.0).astype(np.uint8)
+    main = _tool_main()
+    argv = ["--checkpoint", str(run), "--image", str(tmp_path / "deep.png"), "--out", str(tmp_path / "deep.npz")]
+    assert main([*argv, "--dtype", "float32"]) == 0
+    _, expected = flowfeat_jax.load(run, stride=4)(np.repeat(grey8[..., None], 3, axis=-1))
+    np.testing.assert_allclose(np.load(tmp_path / "deep.npz")["flowfeat"], expected, atol=1e-5, rtol=0)
+
+
+def test_outputs_are_checked_before_anything_is_written(tiny_flowfeat_run, tmp_path, capsys):
+    _, run = tiny_flowfeat_run
+    Image.fromarray(_frames(1)[0]).save(tmp_path / "frame.png")
+    main = _tool_main()
+
+    def error_names(*named):
+        lines = capsys.readouterr().err.strip().splitlines()
+        return len(lines) == 1 and lines[0].startswith("extract_features: error: ") and all(n in lines[0] for n in named)
+
+    base = ["--checkpoint", str(run), "--image", str(tmp_path / "frame.png")]
+    assert main([*base, "--out", str(tmp_path / "feats")]) == 1  # np.savez would have written feats.npz
+    assert error_names("--out", "feats", ".npz")
+    for bad_pca in (tmp_path / "pca.jpgx", tmp_path / "no_dir" / "pca.png", tmp_path):
+        assert main([*base, "--out", str(tmp_path / "feats.npz"), "--pca", str(bad_pca)]) == 1
+        assert error_names(str(bad_pca))
+    assert main(["--checkpoint", str(run), "--input", str(tmp_path / "*.none"), "--out", str(tmp_path / "x")]) == 1
+    assert error_names("--input", "*.none")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frame.png"]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import read_tensorboard_events
 
 from flowfeat_jax.config import base_config
 from flowfeat_jax.data import synthetic
@@ -61,6 +62,11 @@ def test_metrics_jsonl_logs_every_step_and_the_last(tmp_path):
     assert [m["step"] for m in metrics] == [2, 4, 5]
     assert {"loss", "flow_loss", "grad_loss", "grad_norm", "ema_decay", "img_per_s"} <= set(metrics[-1])
     assert json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"] == 5
+    events = read_tensorboard_events(tmp_path)  # the same numbers as TensorBoard scalars beside metrics.jsonl
+    for key in ("loss", "grad_norm", "ema_decay", "img_per_s"):
+        assert [(step, value) for step, tag, value in events if tag == f"train/{key}"] == [
+            (m["step"], pytest.approx(m[key], rel=1e-6)) for m in metrics
+        ]
 
 
 def test_training_reduces_the_objective_on_held_out_batches():
@@ -98,7 +104,7 @@ def _scripted_validation(values):
     """A fake validation callback: the next scripted J&F per call; records (step folder, decoder digest) per call."""
     calls = []
 
-    def validate(model, out_dir):
+    def validate(model, out_dir, kinds=("flowfeat",)):
         calls.append((out_dir.name, ckpt_lib.tree_digest(nnx.to_pure_dict(nnx.state(model.decoder)))))
         return {"eval/knn/JF_mean": values[len(calls) - 1], "eval/knn/J_mean": 0.0}
 

@@ -19,7 +19,9 @@ import sys
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flowfeat_jax.cli import HelpFormatter  # light: --help answers at once
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, help="a name in configs/ or a path to a config .py file")
     parser.add_argument("--batch", type=int, help="batch size (default: the config's train.batch_size)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="crop side (default: train.input_size)")

@@ -21,9 +21,12 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a clean clone without installing
 
+from flowfeat_jax import cli  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config (configs/davis_small.py).", lock_config=True
+    "config", None, "Required. Experiment config file (configs/davis_small.py).", lock_config=True
 )
+cli.hide_default_in_help("config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file stem>).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the table and pictures (default: <workdir>/experiment).")
 _DAVIS = flags.DEFINE_string("davis", None, "DAVIS root to evaluate on (default: the root of config.data.videos).")
@@ -60,7 +63,6 @@ def run() -> None:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from flowfeat_jax import cli
 
     if not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)

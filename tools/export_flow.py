@@ -19,30 +19,33 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from flowfeat_jax import cli  # noqa: E402
-from flowfeat_jax.data import export  # noqa: E402
+from flowfeat_jax.data import export, videos  # noqa: E402
 from flowfeat_jax.flow import methods  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", required=True, help="video, folder of videos, DAVIS/YouTube-VOS root[:split], list")
-    parser.add_argument(
-        "--split",
-        default=None,
-        help="DAVIS ImageSets or YouTube-VOS split (or PATH:split); YouTube-VOS: train_all_frames (default), train",
-    )
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--method", default="searaft", choices=methods.METHODS)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    frames, files = "/".join(videos.FRAME_SUFFIXES), "/".join(videos.VIDEO_SUFFIXES)
+    parser.add_argument("--videos", required=True,
+                        help=f"one video (a folder of {frames} frames, sorted by name, or a {files} file), a folder of "
+                             "videos, a DAVIS root[:split] (JPEGImages/480p, ImageSets), a YouTube-VOS root[:split] "
+                             "(train_all_frames/JPEGImages/<id>), or a text file listing one video path per line")
+    parser.add_argument("--split", default=None,
+                        help="DAVIS ImageSets or YouTube-VOS split (or PATH:split); YouTube-VOS: train_all_frames "
+                             "(default, the 30-fps frames the reference trains on), train (6 fps)")
+    parser.add_argument("--out", required=True, help="output directory (ArrayRecord shards + manifest.json)")
+    parser.add_argument("--method", default="searaft", choices=methods.METHODS,
+                        help="flow teacher (dis: OpenCV, no weights)")
     parser.add_argument("--checkpoint", default=None, help="flow network weights (searaft, raft)")
     parser.add_argument("--iters", type=int, default=None, help="refinement iterations (default: SEA-RAFT 4, RAFT 20)")
     parser.add_argument("--gap", type=int, default=2, help="partners t +- 1..gap")
-    parser.add_argument("--frame-size", type=int, default=448)
-    parser.add_argument("--flow-size", type=int, default=224)
-    parser.add_argument("--jpeg-quality", type=int, default=95)
+    parser.add_argument("--frame-size", type=int, default=448, help="stored square frame side (short side, centre crop)")
+    parser.add_argument("--flow-size", type=int, default=224, help="side at which the flow is computed")
+    parser.add_argument("--jpeg-quality", type=int, default=95, help="quality of the stored frames")
     parser.add_argument("--min-frames", type=int, default=10, help="skip (and count) shorter videos")
     parser.add_argument("--device", default="cpu", help="torch device of a flow network: cpu | cuda")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per flow-network call")
-    parser.add_argument("--videos-per-shard", type=int, default=32)
+    parser.add_argument("--videos-per-shard", type=int, default=32, help="videos per ArrayRecord shard")
     parser.add_argument("--num-shards", type=int, default=1, help="number of exporter workers")
     parser.add_argument("--shard-index", type=int, default=0, help="this worker")
     parser.add_argument("--overwrite", action="store_true", help="replace an export made with other parameters")

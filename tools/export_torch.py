@@ -13,7 +13,9 @@ import sys
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flowfeat_jax.cli import HelpFormatter  # light: --help answers at once
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run directory or one checkpoints/<step> folder")
     parser.add_argument("--out", required=True, help="output file (.pth, or .safetensors with --safetensors)")
     parser.add_argument("--safetensors", action="store_true", help="write safetensors instead of torch.save")

@@ -14,7 +14,9 @@ import sys
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flowfeat_jax.cli import HelpFormatter  # light: --help answers at once
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--pth", required=True, help="released FlowFeat weights (.pth or .safetensors)")
     parser.add_argument("--out", required=True, help="new run directory (must not exist)")
     parser.add_argument("--config", help="experiment config: a name in configs/ or a path to a config .py file")

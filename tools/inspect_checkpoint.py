@@ -48,7 +48,7 @@ def inspect(path: str, digest: bool) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("path", help="a run directory (its latest checkpoint) or checkpoints/<step>")
     parser.add_argument("--digest", action="store_true", help="print the SHA-256 of params + EMA as the last line")
     parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")

@@ -1,6 +1,7 @@
 """Score DAVIS result PNGs with J&F (semi-supervised rules of davis2017-evaluation).
 
     python tools/score_davis.py --davis ROOT --results DIR --out SCORES.json [--sequences a,b] [--csv FILE]
+        [--max_frames N]
 
 Reads ROOT/Annotations/480p/<seq>/*.png (DAVIS-2017 palette indices or DAVIS-2016 0/255 masks) and
 DIR/<seq>/<frame>.png (palette or greyscale object indices), prints a per-object table and writes the JSON
@@ -21,11 +22,16 @@ _OUT = flags.DEFINE_string("out", None, "Output JSON file.", required=True)
 _SEQUENCES = flags.DEFINE_list("sequences", None, "Sequences to score (default: the ImageSets split).")
 _SPLIT = flags.DEFINE_string("split", "val", "ImageSets split used when --sequences is not given.")
 _CSV = flags.DEFINE_string("csv", None, "Optional CSV file with the same table.")
+_MAX_FRAMES = flags.DEFINE_integer(
+    "max_frames", 0, "Score only the first N frames of each sequence, as `flowfeat_jax.evaluate --max_frames=N` "
+    "wrote them (0 = all frames)."
+)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors.")
 
 
 def score() -> None:
-    scores = jf.score_results(_DAVIS.value, _RESULTS.value, _SEQUENCES.value, split=_SPLIT.value)
+    scores = jf.score_results(_DAVIS.value, _RESULTS.value, _SEQUENCES.value, split=_SPLIT.value,
+                              max_frames=_MAX_FRAMES.value or None)
     print(jf.format_table(scores))
     out = pathlib.Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)

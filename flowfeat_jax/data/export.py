@@ -29,6 +29,7 @@ from PIL import Image
 
 from flowfeat_jax.data import records, videos
 from flowfeat_jax.flow import methods
+from flowfeat_jax.progress import progress as progress_bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +284,7 @@ def export_flows(
     mine = [(i, v) for i, v in enumerate(video_list.videos) if i % cfg.num_shards == cfg.shard_index]
     chunks = [mine[i : i + cfg.videos_per_shard] for i in range(0, len(mine), cfg.videos_per_shard)]
     shards = []
-    with tqdm.tqdm(total=len(mine), unit="video", desc=f"export {cfg.method}", disable=not progress) as bar:
+    with progress_bar(total=len(mine), unit="video", desc=f"export {cfg.method}", disable=not progress) as bar:
         for chunk_index, chunk in enumerate(chunks):
             tag = records.shard_tag(cfg.shard_index, cfg.num_shards, chunk_index)
             shard = _complete_shard(out_dir, tag, params)

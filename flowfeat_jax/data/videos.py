@@ -210,10 +210,21 @@ def list_videos(spec: str | os.PathLike, split: str | None = None, min_frames: i
     return VideoList(videos=kept, skipped=skipped)
 
 
+def image_to_rgb8(image: Image.Image) -> np.ndarray:
+    """uint8 RGB (H, W, 3) of a decoded image. 16-bit greyscale (PIL mode I;16*) is scaled by its bit depth
+    (65535 -> 255; PIL's convert("RGB") would clip everything above 255 to white); 32-bit modes are refused."""
+    if image.mode.startswith("I;16"):
+        grey = np.round(np.asarray(image, np.float32) / 257.0).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if image.mode in ("I", "F"):
+        raise ValueError(f"32-bit ({image.mode}) images are not supported; save frames as 8- or 16-bit")
+    return np.asarray(image.convert("RGB"))
+
+
 def _decode_image(path: pathlib.Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return image_to_rgb8(image)
     except (OSError, SyntaxError, ValueError) as e:  # PIL reports truncated / corrupt files as OSError or SyntaxError
         raise ValueError(f"cannot decode image {path}: {e}") from e
 

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
-import tqdm
 
 from flowfeat_jax.eval import davis
+from flowfeat_jax.progress import progress as progress_bar
 
 BOUNDARY_THRESHOLD = 0.008
 METRIC_KEYS = ("J_mean", "J_recall", "J_decay", "F_mean", "F_recall", "F_decay")
@@ -170,7 +170,7 @@ def score_results(davis_root: str | pathlib.Path, results_dir: str | pathlib.Pat
     """
     sequences = list(sequences) if sequences else davis.list_sequences(davis_root, split)
     objects = {}
-    for sequence in tqdm.tqdm(sequences, desc="J&F", disable=not progress):
+    for sequence in progress_bar(sequences, desc="J&F", disable=not progress):
         gt_labels, frame_ids = davis.read_annotations(davis_root, sequence, max_frames=max_frames)
         pred_labels = davis.read_result_masks(results_dir, sequence, frame_ids[1:-1], gt_labels.shape[1:],
                                               max_id=int(gt_labels[0].max()))

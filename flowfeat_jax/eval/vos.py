@@ -20,19 +20,18 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from PIL import Image
 
 from flowfeat_jax.eval import davis, jf, knn, linear_probe
 from flowfeat_jax.eval.knn import KnnSettings
 from flowfeat_jax.eval.linear_probe import ProbeSettings
+from flowfeat_jax.progress import progress as progress_bar
 
 PROTOCOLS = ("knn", "linear")
 FEATURE_KINDS = ("encoder", "flowfeat")
@@ -181,8 +180,7 @@ def segment_sequence(feature_fn: FeatureFn, params: Any, frames: np.ndarray, fir
     if "knn" in protocols:
         outputs.update({f"{kind}/knn": [np.asarray(first_annotation, np.uint8)[None]] for kind in kinds})
     rest = frames[1:]
-    bar = tqdm.tqdm(total=len(rest), desc="frames", unit="frame", leave=False, disable=not progress,
-                    mininterval=1 if sys.stderr.isatty() else 30)
+    bar = progress_bar(total=len(rest), desc="frames", unit="frame", leave=False, disable=not progress)
     for begin in range(0, len(rest), frames_per_call):
         chunk = rest[begin: begin + frames_per_call]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], frames_per_call - len(chunk), axis=0)])
@@ -210,7 +208,7 @@ def evaluate_sequences(feature_fn: FeatureFn, params: Any, davis_root: str | pat
     _check_rows(kinds, protocols)
     sequences = list(sequences) if sequences else davis.list_sequences(davis_root, split)
     out_dir = pathlib.Path(out_dir)
-    for sequence in tqdm.tqdm(sequences, desc="DAVIS sequences", mininterval=1 if sys.stderr.isatty() else 30):
+    for sequence in progress_bar(sequences, desc="DAVIS sequences"):
         frames = davis.read_frames(davis_root, sequence, max_frames=max_frames)
         annotations, frame_ids = davis.read_annotations(davis_root, sequence, max_frames=max_frames)
         if len(frames) != len(annotations):

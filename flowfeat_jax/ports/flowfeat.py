@@ -160,8 +160,14 @@ def export_flowfeat(checkpoint: str | pathlib.Path, out: str | pathlib.Path, *, 
     enc = model.cfg.encoder
     notes = []
     if enc.pos_interp != "hub":
-        notes.append(f"the run resizes position tables with pos_interp={enc.pos_interp!r}; torch (hub) outputs match "
-                     f"only at the stored {enc.pos_grid}x{enc.pos_grid} token grid")
+        # Both resizings leave the table as stored at its own square grid, and only there do they agree.
+        side = enc.pos_grid * enc.patch_size
+        where = (f"only at {side}x{side} px inputs (the stored {enc.pos_grid}x{enc.pos_grid} token grid)"
+                 if enc.pos_grid % 2 == 0 else
+                 f"at no decoder input size: only {side}x{side} px keeps the stored {enc.pos_grid}x{enc.pos_grid} "
+                 "token grid, and the decoder needs an even grid (the encoder features alone match there)")
+        notes.append(f"the run resizes position tables with pos_interp={enc.pos_interp!r}, torch (hub) differently; "
+                     f"FlowFeat outputs match exactly {where}")
     if enc.layer_norm_eps != _HUB_EPS:
         notes.append(f"the encoder LayerNorm eps is {enc.layer_norm_eps:g}, the hub model uses {_HUB_EPS:g}")
     import torch

@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from flowfeat_jax import cli
 from flowfeat_jax.probes import data as data_lib
 from flowfeat_jax.probes import depth as depth_lib
 from flowfeat_jax.probes import pamr as pamr_lib
 from flowfeat_jax.probes import segmentation as seg_lib
+from flowfeat_jax.progress import progress
 from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train.step import normalize_images
 from flowfeat_jax.viz import save_png
@@ -213,7 +213,7 @@ def evaluate(config, eval_step, params, model_params, num_items, load, pictures_
     num_classes = config.data.num_classes
     confusion = {k: np.zeros((num_classes, num_classes), np.int64) for k in ("", "_pamr")}
     per_image, skipped, pictures = [], 0, 0
-    for batch in tqdm(batches, total=-(-limit // config.eval.batch_size), desc="eval", unit="batch"):
+    for batch in progress(batches, total=-(-limit // config.eval.batch_size), desc="eval", unit="batch"):
         out = jax.device_get(eval_step(params, model_params, {k: v for k, v in batch.items() if k != "index"}))
         if config.task == "segmentation":
             confusion[""] += out["confusion"]
@@ -296,7 +296,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     stream = data_lib.batches(load_train, num_train, config.train.batch_size, seed=config.seed, start_batch=start,
                               num_workers=config.data.num_workers)
     params, opt_state = state["params"], state["opt_state"]
-    bar = tqdm(range(start, config.train.steps), initial=start, total=config.train.steps, desc="probe", unit="step")
+    bar = progress(range(start, config.train.steps), initial=start, total=config.train.steps, desc="probe", unit="step")
     tick, tick_step = time.perf_counter(), start
     for step in bar:
         batch = {k: v for k, v in next(stream).items() if k != "index"}

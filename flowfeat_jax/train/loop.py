@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from flowfeat_jax import cli
 from flowfeat_jax.models import flowfeat as flowfeat_lib
+from flowfeat_jax.progress import progress
 from flowfeat_jax.train import checkpoint as ckpt_lib
+from flowfeat_jax.train import metric_writer
 from flowfeat_jax.train import sharding
 from flowfeat_jax.train import step as step_lib
 
@@ -186,9 +187,10 @@ def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
     raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {data.source!r}")
 
 
-# (model with the evaluated decoder, output folder) -> {"eval/<protocol>/<score>": value}; the apps hand it over
+# (model with the evaluated decoder, output folder, feature kinds) -> {"eval/<protocol>/<score>": value, and
+# "eval/encoder/<protocol>/<score>" when the kinds hold "encoder"}; the apps hand it over
 # (flowfeat_jax.validation.davis_validation), so train/ never imports eval/.
-ValidateFn = Callable[[flowfeat_lib.FlowFeat, pathlib.Path], dict[str, float]]
+ValidateFn = Callable[[flowfeat_lib.FlowFeat, pathlib.Path, tuple[str, ...]], dict[str, float]]
 
 
 class BestCheckpoint:
@@ -284,11 +286,11 @@ def warn_half_written(directory: pathlib.Path) -> None:
                 print(f"warning: ignoring half-written checkpoint {path}", file=sys.stderr)
 
 
-def _append_jsonl(path: pathlib.Path, record: dict) -> None:
-    if jax.process_index() != 0:  # one writer in a multi-host run
-        return
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+def read_pictures(directory: pathlib.Path) -> dict[str, np.ndarray]:
+    """{"pca/<sequence>": RGB uint8} of the PCA pictures an evaluation wrote."""
+    from PIL import Image
+
+    return {f"pca/{p.stem}": np.asarray(Image.open(p).convert("RGB")) for p in sorted(directory.glob("*.png"))}
 
 
 def train(
@@ -312,6 +314,10 @@ def train(
             f"cannot create workdir {workdir}: {e.strerror or e}; give a --workdir in a writable folder"
         ) from e
     logging.info("config:\n%s", config)
+    writer = metric_writer.MetricWriter(workdir, tensorboard=config.log.tensorboard,
+                                        wandb_project=config.log.wandb_project,
+                                        config=json.loads(config.to_json_best_effort()),
+                                        enabled=jax.process_index() == 0)
 
     model, encoder_source = build_flowfeat(config.model, config.seed)
     try:
@@ -350,10 +356,9 @@ def train(
 
     train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, step_config(config)))
     num_steps, batch_size = config.train.num_steps, config.train.batch_size
-    metrics_path = workdir / "metrics.jsonl"
     last: dict[str, float] = {}
     watch = NonFiniteWatch(config.train.max_nonfinite)
-    bar = tqdm(
+    bar = progress(
         range(start, num_steps),
         initial=start,
         total=num_steps,
@@ -377,7 +382,7 @@ def train(
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     last["img_per_s"] = batch_size * (done - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, done
-                    _append_jsonl(metrics_path, {"step": done, **last})
+                    writer.scalars(done, last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.1f}")
                 if done % config.train.checkpoint_every == 0 or done == num_steps or stop.received:
                     checkpointer.save(done, state, meta, data_iterator)
@@ -390,13 +395,18 @@ def train(
                 if config.eval.davis and (done == num_steps or (every and done % every == 0)):
                     decoder = state.params if config.eval.decoder == "online" else state.ema_params
                     model = nnx.merge(graphdef, {"encoder": encoder_params, "decoder": decoder})
-                    scores = validate(model, workdir / "eval" / f"step_{done}")
+                    # The frozen encoder's score never changes: it is computed once, beside the final FlowFeat one.
+                    kinds = ("encoder", "flowfeat") if done == num_steps else ("flowfeat",)
+                    eval_dir = workdir / "eval" / f"step_{done}"
+                    scores = validate(model, eval_dir, kinds)
                     if best is not None and best.update(done, scores, state, meta):
                         scores = {**scores, "eval/best_step": done}
-                    _append_jsonl(metrics_path, {"step": done, **scores})
+                    writer.scalars(done, scores)
+                    writer.images(done, read_pictures(eval_dir / "pca"))
                     last.update(scores)
         finally:
             checkpointer.close()
+            writer.close()
             if best is not None:
                 best.close()
     return last
