@@ -30,6 +30,8 @@ def readme_commands() -> list[list[str]]:
     for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" # ")[0].strip()
+            if line.startswith("#"):  # a comment line
+                continue
             for part in re.split(r"&&|;|\bdo\b|&", line):
                 words = shlex.split(part.replace("[", "").replace("]", ""))
                 words = words[1:] if words[:1] == ["srun"] else words
