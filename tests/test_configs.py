@@ -66,3 +66,20 @@ def test_nyu_probe_holds_the_paper_settings():
     assert (config.train.lr, config.train.weight_decay) == (1e-4, 1e-5)
     assert (config.train.batch_size, config.train.steps) == (16, 100_000)
     assert config.probe.num_bins == 256 and config.features.decoder == "online"
+
+
+def test_main_exports_with_the_configs_teacher_and_iterations(tmp_path, monkeypatch):
+    """With data.videos and no export yet, the train loop exports with the config's teacher (method, iterations)."""
+    from flowfeat_jax.data import export
+    from flowfeat_jax.train import loop
+
+    seen = []
+    monkeypatch.setattr(export, "export_flows", lambda videos, out, cfg: seen.append((videos, out, cfg)))
+    for name, teacher in (("ytvos_dinov2_s14", ("raft", 20)), ("kinetics_dino_b16", ("searaft", None))):
+        config = load_config(name)
+        config.data.videos = "/data/videos"
+        config.data.checkpoint = "/weights.pth"
+        assert loop.ensure_records(config.data, tmp_path / name) == tmp_path / name / "flow"
+        videos, out, cfg = seen[-1]
+        assert (videos, out, cfg.method, cfg.iters, cfg.checkpoint) == ("/data/videos", tmp_path / name / "flow",
+                                                                         *teacher, "/weights.pth")
