@@ -34,6 +34,8 @@ class DPTConfig:
       widths: channels of the four reassembled layers (reference `CfgDPT.features`).
       features: scratch width and output width d (reference `DecodeDPT(dpt_cfg, fdim, fdim)`).
       patch_size: encoder patch size p; the token grid is (H/p, W/p).
+      remat: recompute each stage (reassembly, fusion blocks, output head) in the backward pass instead of keeping
+        its activations: peak memory of the student pass for about one more decoder forward.
     """
 
     vit_dim: int
@@ -42,6 +44,7 @@ class DPTConfig:
     patch_size: int = 16
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -270,16 +273,26 @@ class DPT(nnx.Module):
                     f"hooked grid {k} has shape {tuple(x.shape)}; expected (B, {grid[0]}, {grid[1]}, "
                     f"{self.cfg.vit_dim}) for output size {height}x{width}, patch size {self.cfg.patch_size}"
                 )
-        layer_1 = self.layer1_rn(self.act_postprocess1(hooked[0]))
-        layer_2 = self.layer2_rn(self.act_postprocess2(hooked[1]))
-        layer_3 = self.layer3_rn(self.act_postprocess3(hooked[2]))
-        layer_4 = self.layer4_rn(self.act_postprocess4(hooked[3]))
+        stage = self._stage
+        layer_1 = stage(lambda post, rn, x: rn(post(x)), self.act_postprocess1, self.layer1_rn, hooked[0])
+        layer_2 = stage(lambda post, rn, x: rn(post(x)), self.act_postprocess2, self.layer2_rn, hooked[1])
+        layer_3 = stage(lambda post, rn, x: rn(post(x)), self.act_postprocess3, self.layer3_rn, hooked[2])
+        layer_4 = stage(lambda post, rn, x: rn(post(x)), self.act_postprocess4, self.layer4_rn, hooked[3])
 
-        path_4 = self.refinenet4(layer_4)
-        path_3 = self.refinenet3(path_4, layer_3)
-        path_2 = self.refinenet2(path_3, layer_2)
-        path_1 = self.refinenet1(path_2, layer_1)
+        path_4 = stage(lambda block, x: block(x), self.refinenet4, layer_4)
+        path_3 = stage(lambda block, x, lateral: block(x, lateral), self.refinenet3, path_4, layer_3)
+        path_2 = stage(lambda block, x, lateral: block(x, lateral), self.refinenet2, path_3, layer_2)
+        path_1 = stage(lambda block, x, lateral: block(x, lateral), self.refinenet1, path_2, layer_1)
 
-        out = resize_bilinear(self.output_conv0(path_1), (height, width), align_corners=False)
-        out = self.output_conv1b(nnx.relu(self.output_conv1a(out)))
-        return self.norm(out)
+        def head(decoder, x):
+            out = resize_bilinear(decoder.output_conv0(x), (height, width), align_corners=False)
+            return decoder.output_conv1b(nnx.relu(decoder.output_conv1a(out)))
+
+        out = stage(head, self, path_1)
+        # The LayerNorm is recomputed in the backward pass in any case: flax normalises in f32 and would keep three
+        # f32 full-resolution maps ((x − mean), its square, x̂) for it, in bf16 as much as the rest of the decoder.
+        return nnx.remat(lambda norm, x: norm(x))(self.norm, out)
+
+    def _stage(self, fn, *args):
+        """fn(*args), under nnx.remat when `cfg.remat` (its activations recomputed in the backward pass)."""
+        return nnx.remat(fn)(*args) if self.cfg.remat else fn(*args)

@@ -76,6 +76,7 @@ def build_flowfeat(
     cfg = flowfeat_lib.FlowFeatConfig.from_encoder(
         encoder_cfg, features=model_cfg.features, hooks=tuple(model_cfg.hooks) or None
     )
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, remat=bool(model_cfg.remat)))
     model = nnx.eval_shape(lambda: flowfeat_lib.FlowFeat(cfg, rngs=nnx.Rngs(seed)))
     model.encoder = encoder
     if init_decoder:
