@@ -185,6 +185,12 @@ def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
     raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {data.source!r}")
 
 
+def next_on_device(batches, mesh) -> tuple[dict, dict]:
+    """The next host batch and its device copy (the copy is asynchronous: it overlaps the running step)."""
+    batch = next(batches)
+    return batch, sharding.shard_batch(batch, mesh)
+
+
 def validate(
     eval_cfg: ml_collections.ConfigDict,
     graphdef: nnx.GraphDef,
@@ -339,12 +345,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     tick, tick_step = time.perf_counter(), start
     with StopSignals() as stop:
         try:
+            pending = None  # the next batch, pulled and sent to the device while this step runs
             for step in bar:
-                batch = next(batches)
-                device_batch = sharding.shard_batch(batch, mesh)
+                batch, device_batch = pending or next_on_device(batches, mesh)
                 with jax.transfer_guard("disallow"):
                     state, metrics = train_step(state, device_batch, encoder_params)
                 done = step + 1
+                stopping = stop.received  # read once: a checkpoint's data state never includes a pulled batch
+                saving = done % config.train.checkpoint_every == 0 or done == num_steps or stopping
+                pending = None if saving else next_on_device(batches, mesh)
                 watch.push(done, metrics["finite"], batch["video"])
                 if done % config.train.log_every == 0 or done == num_steps:
                     watch.flush()
@@ -354,11 +363,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                     tick, tick_step = now, done
                     _append_jsonl(metrics_path, {"step": done, **last})
                     bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.1f}")
-                if done % config.train.checkpoint_every == 0 or done == num_steps or stop.received:
+                if saving:
                     checkpointer.save(done, state, meta, data_iterator)
-                if stop.received:
+                if stopping:
                     raise TrainingError(
-                        f"stopped by {stop.received} after step {done}; checkpoint saved in {checkpointer.directory}, "
+                        f"stopped by {stopping} after step {done}; checkpoint saved in {checkpointer.directory}, "
                         "run the same command to resume"
                     )
                 every = config.eval.every
