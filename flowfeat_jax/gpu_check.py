@@ -36,7 +36,7 @@ YTVOS_EPOCHS, YTVOS_STEPS_PER_EPOCH = 500, 27  # recipe.md step 10: max(3471 vid
 # Full run: the shapes. Tiny run: a toy encoder/decoder on a few pixels, the same code paths.
 FULL = {"batches": (64, 128), "crop": 224, "infer_sides": (224, 448), "steps": 10, "eval_hw": (480, 854),
         "eval_frames": 30, "short_side": 480}
-TINY = {"batches": (2,), "crop": 56, "infer_sides": (56, 112), "steps": 1, "eval_hw": (64, 112), "eval_frames": 3,
+TINY = {"batches": (1,), "crop": 56, "infer_sides": (56,), "steps": 1, "eval_hw": (64, 112), "eval_frames": 3,
         "short_side": 56}
 TINY_ENCODER = {"hidden_size": 48, "num_layers": 4, "num_heads": 2, "mlp_dim": 96}
 
