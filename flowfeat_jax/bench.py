@@ -35,7 +35,7 @@ DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 WARMUP_CALLS = 2
 METRIC_KEYS = (
     "compile_s", "train_step_ms", "train_img_per_s", "infer_ms", "infer_ms_batch", "peak_mem_mb", "flops_per_img",
-    "mfu",
+    "mfu", "infer_mem_mb",
 )
 
 # Dense peak FLOP/s per chip (vendor datasheets, no sparsity), by a substring of jax's device_kind; more specific
@@ -106,6 +106,16 @@ def xla_flops(compiled) -> float | None:
         cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def xla_memory_mb(compiled) -> float | None:
+    """Device memory a compiled computation needs (arguments + outputs + temporaries, XLA's memory analysis), MiB:
+    the peak of that call alone, unlike the process-wide peak of `jax_peak_memory_mb`."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    total = analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+    return (total - analysis.alias_size_in_bytes) / 2**20
 
 
 def rss_high_water_reset() -> None:
@@ -228,12 +238,13 @@ class JaxSide:
         self.images = {n: jnp.asarray(rng.standard_normal((n, *infer_hw, 3), np.float32)) for n in sorted({1, b})}
         # The forward's own decoder copy: the step donates (deletes) the arrays of `state.params`.
         self.params = {"encoder": self.encoder_params, "decoder": jax.tree.map(jnp.copy, pure["decoder"])}
-        self.forward, self.forward_flops, self.forward_compile_s = {}, {}, {}
+        self.forward, self.forward_flops, self.forward_compile_s, self.forward_memory_mb = {}, {}, {}, {}
         for n, images in self.images.items():
             start = time.perf_counter()
             self.forward[n] = forward.lower(self.params, images).compile()
             self.forward_compile_s[n] = time.perf_counter() - start
             self.forward_flops[n] = xla_flops(self.forward[n])
+            self.forward_memory_mb[n] = xla_memory_mb(self.forward[n])
 
     def step(self) -> dict:
         self.state, metrics = self.train_step(self.state, self.batch, self.encoder_params)
@@ -246,7 +257,7 @@ class JaxSide:
 class TorchSide:
     """The torch FlowFeat with the JAX model's weights, its reference train step, and the same inputs (NCHW)."""
 
-    def __init__(self, jax_side: JaxSide, device: str):
+    def __init__(self, jax_side: JaxSide, device: str, autocast: bool = False):
         import torch
 
         from flowfeat_jax.ports import flowfeat as flowfeat_ports
@@ -254,6 +265,7 @@ class TorchSide:
         from flowfeat_jax.torch_ref import train as torch_train
 
         self.torch, self.device = torch, torch.device(device)
+        self.autocast = autocast  # bf16 autocast around forward and loss (the ridge stays f32); off = fp32 as released
         config = jax_side.config
         if not isinstance(jax_side.model.cfg.encoder, ViTConfig):
             raise cli.UserError(f"--torch needs a DINO / DINOv2 / MAE ViT encoder, not {config.model.encoder_arch}")
@@ -278,13 +290,17 @@ class TorchSide:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
 
+    def _autocast(self):
+        return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.autocast)
+
     def step(self) -> dict:
-        terms = self.trainer.step(self.frames, self.flow, self.theta1, self.theta2)
+        with self._autocast():
+            terms = self.trainer.step(self.frames, self.flow, self.theta1, self.theta2)
         self.sync()
         return terms
 
     def infer(self, n: int) -> None:
-        with self.torch.inference_mode():
+        with self.torch.inference_mode(), self._autocast():
             self.model(self.images[n])
         self.sync()
 
@@ -348,9 +364,10 @@ def _side_metrics(batch: int, train: Timing, infer: Timing, infer_batch: Timing,
 
 def run_benchmark(config: ml_collections.ConfigDict, *, batch: int | None = None, size: Sequence[int] | None = None,
                   dtype: str | None = None, with_torch: bool = False, steps: int = 10,
-                  config_name: str = "") -> dict:
+                  config_name: str = "", torch_autocast: bool = False) -> dict:
     """Benchmarks one config; returns the result dict (schema in tools/benchmark.py). `size` (H, W) defaults to the
-    config's crop side, `batch` and `dtype` to the config's."""
+    config's crop side, `batch` and `dtype` to the config's; `torch_autocast` runs the torch side under bf16
+    autocast instead of the released fp32."""
     config, notes = bench_config(config, batch=batch, size=size, dtype=dtype)
     batch, side = config.train.batch_size, config.train.input_size
     dtype_name = {v: k for k, v in DTYPES.items()}.get(config.model.dtype, config.model.dtype)
@@ -366,9 +383,11 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: int | None = None
 
         torch.set_num_threads(threads)
         torch_device = "cuda" if device.platform == "gpu" and torch.cuda.is_available() else "cpu"
-        torch_side = TorchSide(jax_side, torch_device)
+        torch_side = TorchSide(jax_side, torch_device, autocast=torch_autocast)
         calls["torch_step"] = torch_side.step
-        if config.model.dtype != "float32":
+        if torch_autocast:
+            notes.append("the torch side runs under bf16 autocast (ridge solve in f32)")
+        elif config.model.dtype != "float32":
             notes.append("the torch side runs in float32 (the released recipe); only JAX uses " + config.model.dtype)
     # The first step of each side starts from the same weights, batch and crops: its losses must agree.
     first_loss = {name: float(call()["loss"]) for name, call in calls.items()}
@@ -387,6 +406,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: int | None = None
         **jax_rss,
         infer_flops_per_img=forward_flops / batch if forward_flops else None,
         infer_compile_s=jax_side.forward_compile_s[batch],
+        infer_mem_mb=jax_side.forward_memory_mb[1],
         first_loss=first_loss["jax_step"],
     )
     result = {
@@ -419,12 +439,67 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: int | None = None
             **torch_rss,
             infer_flops_per_img=infer_flops / batch if infer_flops else None,
             device=str(torch_side.device),
-            dtype="f32",
+            dtype="bf16-autocast" if torch_autocast else "f32",
             first_loss=first_loss["torch_step"],
         )
         result["torch"] = torch_result
     result["load_avg_end"] = list(os.getloadavg())
     return result
+
+
+def pipeline_rates(records_dir: str | os.PathLike, *, batch_size: int, worker_counts: Sequence[int],
+                   num_batches: int, read_threads: int = 2) -> list[dict]:
+    """Samples/s of the training input pipeline (grain over the ArrayRecord export, data/pipeline.py) per worker count:
+    `num_batches` batches timed after one warm-up batch (worker start-up and first reads excluded); in-process
+    (0 workers) also samples per CPU-second of this process."""
+    from flowfeat_jax.data import pipeline
+
+    rows = []
+    for workers in worker_counts:
+        dataset = pipeline.make_pair_dataset(records_dir, batch_size=batch_size, seed=0, worker_count=workers,
+                                             read_threads=read_threads, shard_index=0, shard_count=1)
+        iterator = iter(dataset)
+        next(iterator)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(num_batches):
+            next(iterator)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        samples = batch_size * num_batches
+        row = {"workers": workers, "read_threads": read_threads, "batch": batch_size, "batches": num_batches,
+               "samples_per_s": samples / seconds}
+        if workers == 0:  # all the work is this process's: its CPU time gives the rate per core, whatever the load
+            row["samples_per_cpu_s"] = samples / cpu_seconds
+        rows.append(row)
+        del iterator
+    return rows
+
+
+def sample_stage_ms(records_dir: str | os.PathLike, count: int = 64) -> dict[str, float]:
+    """Milliseconds of CPU time per sample of each stage of `FlowPairSampler.read`, in this process: the record
+    reads, the JPEG decode of the frame, the flow decode (CPU time, so a busy machine does not inflate it)."""
+    import grain
+
+    from flowfeat_jax.data import pipeline, records
+
+    opened = records.open_flow_records(records_dir)
+    frames = grain.sources.ArrayRecordDataSource(list(opened.frame_files))
+    flows = grain.sources.ArrayRecordDataSource(list(opened.flow_files))
+    stages = {"read_frame_record": [], "decode_jpeg": [], "read_flow_record": [], "decode_flow": []}
+    clock = time.thread_time
+    for index in range(min(count, len(frames), len(flows))):
+        start = clock()
+        _, jpeg = records.decode_record(frames[index])
+        stages["read_frame_record"].append(clock() - start)
+        start = clock()
+        pipeline.decode_jpeg(jpeg)
+        stages["decode_jpeg"].append(clock() - start)
+        start = clock()
+        _, flow = records.decode_record(flows[index])
+        stages["read_flow_record"].append(clock() - start)
+        start = clock()
+        records.decode_flow(flow, opened.flow_size)
+        stages["decode_flow"].append(clock() - start)
+    return {name: float(np.mean(times) * 1e3) for name, times in stages.items()}
 
 
 def _fmt(value) -> str:

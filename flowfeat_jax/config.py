@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.hooks = ()  # () = every quarter of the depth: [2, 5, 8, 11] for 12 blocks
     c.model.dtype = "float32"  # compute dtype of encoder and decoder; 'bfloat16' for mixed precision
     c.model.random_decoder = False  # ablation: never update the decoder (random-decoder baseline)
+    c.model.remat = False  # recompute decoder stages in the backward pass: less activation memory, ~1 more forward
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "records"  # 'records' (exported flow, tools/export_flow.py) | 'synthetic' (known motions)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from flowfeat_jax.models import dpt
+from flowfeat_jax.models import dpt, ops
 from flowfeat_jax.ports.dpt import dpt_state_dict, load_dpt_state_dict
 from flowfeat_jax.torch_ref.dpt import TorchDPT
 
@@ -207,8 +207,8 @@ def test_tap_weight_grad_matches_lax(kernel_size):
     x = jax.random.normal(kx, (2, 9, 7, 5))
     grad_out = jax.random.normal(kg, (2, 9, 7, 6))
     kernel = jnp.zeros((kernel_size, kernel_size, 5, 6))
-    expected = jax.vjp(lambda w: dpt._lax_same_conv(x, w), kernel)[1](grad_out)[0]
-    got = dpt.tap_weight_grad(x, grad_out, kernel_size)
+    expected = jax.vjp(lambda w: ops.lax_same_conv(x, w), kernel)[1](grad_out)[0]
+    got = ops.tap_weight_grad(x, grad_out, kernel_size)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-4, rtol=1e-5)
 
 
@@ -216,7 +216,7 @@ def test_tap_weight_grad_matches_lax(kernel_size):
 def test_dpt_gradients_match_torch(monkeypatch, tap_threshold):
     """d⟨D(hooked), g⟩ / dθ for every weight equals torch autograd on the twin, through either weight-gradient path
     of the 3×3 convs, the matmul 1×1 convs and the matmul patch upsampling."""
-    monkeypatch.setattr(dpt, "_TAP_WEIGHT_GRAD_MIN_ELEMENTS", tap_threshold)
+    monkeypatch.setattr(ops, "TAP_WEIGHT_GRAD_MIN_ELEMENTS", tap_threshold)
     hw = (4 * 14, 6 * 14)
     reference = _torch_decoder(32, TINY_WIDTHS, 16, 14, seed=4)
     ours = load_dpt_state_dict(_nnx_decoder(32, TINY_WIDTHS, 16, 14), reference.state_dict())

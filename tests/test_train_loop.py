@@ -15,6 +15,7 @@ from conftest import read_tensorboard_events
 
 from flowfeat_jax.config import base_config
 from flowfeat_jax.data import synthetic
+from flowfeat_jax.models import ops
 from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import loop
 from flowfeat_jax.train import step as step_lib
@@ -298,7 +299,7 @@ def test_run_after_keeps_values_and_a_dependency_that_survives_compilation():
     unchanged, and the compiled program still reads the dependency (a NaN row reaches its own example, and only it;
     XLA folding 0·d would stop it)."""
     tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((2, 2, 2), jnp.bfloat16)}
-    run_after = jax.jit(step_lib.run_after)
+    run_after = jax.jit(ops.run_after)
     same = run_after(tree, jnp.full((2, 5, 2), 7.0))
     for key in tree:
         assert same[key].dtype == tree[key].dtype

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import transformers
 from conftest import random_images, save_hf_models
 
-from flowfeat_jax.models import vit
+from flowfeat_jax.models import ops
 from flowfeat_jax.models.vit import ViTConfig, bicubic_resize_matrix, forward, patch_tokens, resize_pos_table
 from flowfeat_jax.ports.vit import from_pretrained, hf_key_table, vit_config_from_hf
 
@@ -236,5 +236,5 @@ def test_attention_matches_softmax_reference(length):
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     expected = np.einsum("bnqk,bknd->bqnd", weights, v.astype(np.float64))
-    got = np.asarray(vit.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)))
+    got = np.asarray(ops.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)))
     np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)

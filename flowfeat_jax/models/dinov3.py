@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowfeat_jax.models.vit import LayerScale, Mlp, PatchEmbed, SwiGLU, ViTOutput, attention, check_image_size
+from flowfeat_jax.models import ops
+from flowfeat_jax.models.vit import LayerScale, Mlp, PatchEmbed, SwiGLU, ViTOutput, check_image_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,7 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_proj(x).reshape(heads), cos, sin, self.num_prefix_tokens)
         k = apply_rope(self.k_proj(x).reshape(heads), cos, sin, self.num_prefix_tokens)
         v = self.v_proj(x).reshape(heads)
-        out = attention(q, k, v)  # (B, T, N, D)
+        out = ops.attention(q, k, v)  # (B, T, N, D)
         return self.o_proj(out.reshape(batch, length, width))
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowfeat_jax.models import ops
 from flowfeat_jax.models.vit import ViTConfig
 
 # Reassembly widths of the four hooked layers for MAE encoders, keyed by hidden size (reference load_encoder);
@@ -33,6 +34,8 @@ class DPTConfig:
       widths: channels of the four reassembled layers (reference `CfgDPT.features`).
       features: scratch width and output width d (reference `DecodeDPT(dpt_cfg, fdim, fdim)`).
       patch_size: encoder patch size p; the token grid is (H/p, W/p).
+      remat: recompute each stage (reassembly, fusion blocks, output head) in the backward pass instead of keeping
+        its activations: peak memory of the student pass for about one more decoder forward.
     """
 
     vit_dim: int
@@ -41,6 +44,7 @@ class DPTConfig:
     patch_size: int = 16
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -113,62 +117,15 @@ def _interpolation_matrix(in_size: int, out_size: int, align_corners: bool) -> n
     return weights
 
 
-def _matrix_taps(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, weights), each (rows, t): the nonzero entries of every row of `matrix`, padded with weight 0."""
-    nonzero = [np.flatnonzero(row) for row in matrix]
-    taps = max(1, max(len(n) for n in nonzero))
-    indices = np.zeros((len(matrix), taps), np.int32)
-    weights = np.zeros((len(matrix), taps), np.float32)
-    for row, columns in enumerate(nonzero):
-        indices[row, : len(columns)] = columns
-        weights[row, : len(columns)] = matrix[row, columns]
-    return indices, weights
-
-
-def _apply_taps(x: jax.Array, indices: np.ndarray, weights: np.ndarray, axis: int) -> jax.Array:
-    """Σ_k weights[:, k] · take(x, indices[:, k], axis): a banded matrix applied along one axis by gathers; sums in
-    f32 (as a matmul would accumulate), result in x's dtype."""
-    shape = [1] * x.ndim
-    shape[axis] = len(indices)
-    out = None
-    for k in range(indices.shape[1]):
-        term = jnp.take(x, indices[:, k], axis=axis).astype(jnp.float32) * weights[:, k].reshape(shape)
-        out = term if out is None else out + term
-    return out.astype(x.dtype)
-
-
-def resample_axis(x: jax.Array, matrix: np.ndarray, axis: int) -> jax.Array:
-    """`matrix` (out, in) applied along `axis` of x, for sparse (banded) resampling matrices.
-
-    Forward and backward both gather the few nonzero taps (of the matrix, then of its transpose): a dense einsum
-    costs in·out multiply-adds per column (180 ms forward at 4·128²→224², 128 channels, on 2 CPU threads, vs 47 ms),
-    and autodiff of a gather would scatter-add (slow on CPU).
-    """
-    forward_taps, transpose_taps = _matrix_taps(matrix), _matrix_taps(matrix.T)
-
-    @jax.custom_vjp
-    def resample(x):
-        return _apply_taps(x, *forward_taps, axis)
-
-    def resample_fwd(x):
-        return resample(x), None
-
-    def resample_bwd(_, grad_out):
-        return (_apply_taps(grad_out, *transpose_taps, axis),)
-
-    resample.defvjp(resample_fwd, resample_bwd)
-    return resample(x)
-
-
 def resize_bilinear(x: jax.Array, out_hw: tuple[int, int], *, align_corners: bool) -> jax.Array:
     """Bilinear resize of (B, H, W, C) to (B, Ho, Wo, C), equal to torch `F.interpolate(mode="bilinear")`.
 
-    Separable: the 2-tap interpolation matrices applied along H, then W (`resample_axis`); no antialiasing (torch's
+    Separable: the 2-tap interpolation matrices applied along H, then W (`ops.resample_axis`); no antialiasing (torch's
     default), so it matches torch for up- and downsampling alike. FeatureFusionBlock uses align_corners=True, the
     final resize align_corners=False.
     """
-    x = resample_axis(x, _interpolation_matrix(x.shape[1], out_hw[0], align_corners), axis=1)
-    return resample_axis(x, _interpolation_matrix(x.shape[2], out_hw[1], align_corners), axis=2)
+    x = ops.resample_axis(x, _interpolation_matrix(x.shape[1], out_hw[0], align_corners), axis=1)
+    return ops.resample_axis(x, _interpolation_matrix(x.shape[2], out_hw[1], align_corners), axis=2)
 
 
 def _torch_uniform_init(fan_in: int) -> nnx.Initializer:
@@ -181,98 +138,8 @@ def _torch_uniform_init(fan_in: int) -> nnx.Initializer:
     return init
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Convolutions. XLA:CPU lowers the weight gradient of a convolution to a convolution whose kernel is the output
-# gradient (H×W wide), which runs far below matmul speed on large maps: at B·H·W = 4·224², 128 channels, 1.0 s for
-# a 1×1 kernel vs 72 ms as one matmul; 3×3 at 4·224², 128 channels, 2.8 s vs 0.65 s as 9 tap matmuls; a ConvTranspose
-# 4×4/4 at 4·16², 384 channels, 2.2 s for forward+backward vs 0.14 s as one matmul (2 threads). So 1×1 convolutions
-# and the patch upsampling are written as matmuls everywhere, and large 3×3 weight gradients are taken per tap on CPU.
-# --------------------------------------------------------------------------------------------------------------------
-
-# That convolution slows down once its kernel, the output gradient, outgrows the caches. Ratio of its time to
-# `tap_weight_grad`'s (2 threads), by output-gradient elements B·H·W·Cout: below 2^22 0.5–1.03 (19 shapes, 64–384
-# channels, sides 56–224); from 2^22 1.07–1.35, from 2^23 2.8–4.3 (4·224², 128 channels: 2.8 s vs 0.65 s). Taps from
-# 2^22 on.
-_TAP_WEIGHT_GRAD_MIN_ELEMENTS = 2**22
-
-
-def _lax_same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    pad = kernel.shape[0] // 2
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def tap_weight_grad(x: jax.Array, grad_out: jax.Array, kernel_size: int) -> jax.Array:
-    """Weight gradient (k, k, Cin, Cout) of a stride-1 'same' convolution as k² matmuls (B·H·W, Cin)ᵀ @ (B·H·W, Cout),
-    one per kernel tap, accumulated in f32. A loop, not k² unrolled matmuls: XLA then holds one shifted window at a
-    time (198 MB of scratch instead of 884 MB at 4·224², 128 channels)."""
-    batch, height, width, cin = x.shape
-    pad = kernel_size // 2
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-
-    def add_tap(tap, taps):
-        window = jax.lax.dynamic_slice(padded, (0, tap // kernel_size, tap % kernel_size, 0),
-                                       (batch, height, width, cin))
-        product = jnp.matmul(window.reshape(-1, cin).T, grad_rows, preferred_element_type=jnp.float32)
-        return taps.at[tap].set(product)
-
-    taps = jnp.zeros((kernel_size * kernel_size, cin, grad_rows.shape[-1]), jnp.float32)
-    taps = jax.lax.fori_loop(0, kernel_size * kernel_size, add_tap, taps)
-    return taps.reshape(kernel_size, kernel_size, cin, -1).astype(x.dtype)
-
-
-@jax.custom_vjp
-def _spatial_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return _lax_same_conv(x, kernel)
-
-
-def _spatial_conv_fwd(x, kernel):
-    return _lax_same_conv(x, kernel), (x, kernel)
-
-
-def _spatial_conv_bwd(residuals, grad_out):
-    x, kernel = residuals
-    grad_x = jax.vjp(lambda inputs: _lax_same_conv(inputs, kernel), x)[1](grad_out)[0]
-
-    def xla_weight_grad(x, grad_out):
-        return jax.vjp(lambda weights: _lax_same_conv(x, weights), kernel)[1](grad_out)[0]
-
-    if grad_out.size < _TAP_WEIGHT_GRAD_MIN_ELEMENTS:
-        return grad_x, xla_weight_grad(x, grad_out)
-    grad_kernel = jax.lax.platform_dependent(
-        x, grad_out, cpu=lambda x, g: tap_weight_grad(x, g, kernel.shape[0]), default=xla_weight_grad
-    )
-    return grad_x, grad_kernel
-
-
-_spatial_conv.defvjp(_spatial_conv_fwd, _spatial_conv_bwd)
-
-
-def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Stride-1 convolution with torch padding k // 2 of x (B, H, W, Cin) by kernel (k, k, Cin, Cout), k odd.
-
-    1×1 is one 2-D matmul (so its weight gradient is one too); larger kernels are lax convolutions whose weight
-    gradient comes from `tap_weight_grad` on CPU from `_TAP_WEIGHT_GRAD_MIN_ELEMENTS` on.
-    """
-    if kernel.shape[0] == 1:
-        rows = x.reshape(-1, x.shape[-1]) @ kernel.reshape(kernel.shape[2:])
-        return rows.reshape(*x.shape[:-1], kernel.shape[-1])
-    return _spatial_conv(x, kernel)
-
-
-def patch_upsample(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """torch ConvTranspose2d with kernel = stride = f, padding 0, on x (B, h, w, Cin) with kernel (f, f, Cout, Cin):
-    every token becomes an f×f patch, out[b, f·i + u, f·j + v] = kernel[u, v] @ x[b, i, j] — one matmul, then a
-    depth-to-space shuffle (no zero-dilated convolution)."""
-    batch, height, width, cin = x.shape
-    factor, _, cout, _ = kernel.shape
-    patches = x.reshape(-1, cin) @ kernel.reshape(-1, cin).T  # (B·h·w, f·f·Cout)
-    patches = patches.reshape(batch, height, width, factor, factor, cout)
-    return patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height * factor, width * factor, cout)
-
-
 class Conv(nnx.Module):
-    """Stride-1 k×k convolution with torch padding k // 2 (`same_conv`); HWIO `kernel` and `bias` as nnx.Conv, with
+    """Stride-1 k×k convolution with torch padding k // 2 (`ops.same_conv`); HWIO `kernel` and `bias` as nnx.Conv, with
     torch's default init U(±1/√(Cin·k²))."""
 
     def __init__(self, cfg: DPTConfig, in_features: int, out_features: int, kernel: int, *, rngs: nnx.Rngs,
@@ -283,12 +150,12 @@ class Conv(nnx.Module):
         self.bias = nnx.Param(init(rngs.params(), (out_features,), cfg.param_dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = same_conv(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = ops.same_conv(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class PatchUpsample(nnx.Module):
-    """ConvTranspose2d k = stride = factor, padding 0 (postprocess1/2) by `patch_upsample`. Its (k, k, out, in)
+    """ConvTranspose2d k = stride = factor, padding 0 (postprocess1/2) by `ops.patch_upsample`. Its (k, k, out, in)
     kernel is the torch (in, out, k, k) weight permuted by (2, 3, 1, 0), the layout of
     nnx.ConvTranspose(transpose_kernel=True); init as torch, which takes fan_in from weight dim 1 (= out)."""
 
@@ -299,7 +166,7 @@ class PatchUpsample(nnx.Module):
         self.bias = nnx.Param(init(rngs.params(), (features,), cfg.param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = patch_upsample(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = ops.patch_upsample(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return y + self.bias[...].astype(self.dtype)
 
 
@@ -406,16 +273,26 @@ class DPT(nnx.Module):
                     f"hooked grid {k} has shape {tuple(x.shape)}; expected (B, {grid[0]}, {grid[1]}, "
                     f"{self.cfg.vit_dim}) for output size {height}x{width}, patch size {self.cfg.patch_size}"
                 )
-        layer_1 = self.layer1_rn(self.act_postprocess1(hooked[0]))
-        layer_2 = self.layer2_rn(self.act_postprocess2(hooked[1]))
-        layer_3 = self.layer3_rn(self.act_postprocess3(hooked[2]))
-        layer_4 = self.layer4_rn(self.act_postprocess4(hooked[3]))
+        stage = self._stage
+        layer_1 = stage(lambda post, rn, x: rn(post(x)), self.act_postprocess1, self.layer1_rn, hooked[0])
+        layer_2 = stage(lambda post, rn, x: rn(post(x)), self.act_postprocess2, self.layer2_rn, hooked[1])
+        layer_3 = stage(lambda post, rn, x: rn(post(x)), self.act_postprocess3, self.layer3_rn, hooked[2])
+        layer_4 = stage(lambda post, rn, x: rn(post(x)), self.act_postprocess4, self.layer4_rn, hooked[3])
 
-        path_4 = self.refinenet4(layer_4)
-        path_3 = self.refinenet3(path_4, layer_3)
-        path_2 = self.refinenet2(path_3, layer_2)
-        path_1 = self.refinenet1(path_2, layer_1)
+        path_4 = stage(lambda block, x: block(x), self.refinenet4, layer_4)
+        path_3 = stage(lambda block, x, lateral: block(x, lateral), self.refinenet3, path_4, layer_3)
+        path_2 = stage(lambda block, x, lateral: block(x, lateral), self.refinenet2, path_3, layer_2)
+        path_1 = stage(lambda block, x, lateral: block(x, lateral), self.refinenet1, path_2, layer_1)
 
-        out = resize_bilinear(self.output_conv0(path_1), (height, width), align_corners=False)
-        out = self.output_conv1b(nnx.relu(self.output_conv1a(out)))
-        return self.norm(out)
+        def head(decoder, x):
+            out = resize_bilinear(decoder.output_conv0(x), (height, width), align_corners=False)
+            return decoder.output_conv1b(nnx.relu(decoder.output_conv1a(out)))
+
+        out = stage(head, self, path_1)
+        # The LayerNorm is recomputed in the backward pass in any case: flax normalises in f32 and would keep three
+        # f32 full-resolution maps ((x − mean), its square, x̂) for it, in bf16 as much as the rest of the decoder.
+        return nnx.remat(lambda norm, x: norm(x))(self.norm, out)
+
+    def _stage(self, fn, *args):
+        """fn(*args), under nnx.remat when `cfg.remat` (its activations recomputed in the backward pass)."""
+        return nnx.remat(fn)(*args) if self.cfg.remat else fn(*args)

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowfeat_jax.models import ops
+
 # Bicubic convolution constants used by torch: plain `F.interpolate(mode="bicubic")` uses a = -0.75, the antialiased
 # path (`antialias=True`) uses Keys' a = -0.5 to match PIL. jax.image.resize uses a = -0.5 without torch's boundary
 # handling, so it matches neither.
@@ -228,48 +230,6 @@ class PatchEmbed(nnx.Module):
         return self.proj(images)  # (B, h, w, C)
 
 
-# XLA:CPU's batched matmuls run about 2x slower per row once the query axis passes 256 rows (ViT-S/14 at 224 has 257
-# tokens), so on CPU queries go in blocks of 256: batch 8, 257 tokens, 27.6 -> 12.7 ms per layer; batch 2, 1025
-# tokens, 63 -> 39 ms (2 threads). Other platforms take all queries in one block.
-_CPU_QUERY_BLOCK = 256
-
-
-def _attention_block(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    scores = jnp.matmul((q * scale).transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1),
-                        preferred_element_type=jnp.float32)  # (B, N, Tq, T)
-    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-    out = jnp.matmul(weights.astype(v.dtype), v.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32)
-    out = out / weights.sum(axis=-1, keepdims=True)
-    return out.astype(v.dtype).transpose(0, 2, 1, 3)  # (B, Tq, N, D)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q kᵀ / √D) v per head for (B, T, N, D) queries, keys and values; scores and softmax in f32.
-
-    The softmax is normalised after the value product (one (B, N, T, D) division instead of a (B, N, T, T) one), with
-    keys pre-transposed for the score matmul: 1.35x faster than jax.nn.dot_product_attention on CPU (ViT-S/14 at 224,
-    batch 8: 14.4 vs 19.5 ms per layer, 2 threads); same maths to 1e-6. On CPU, queries go in blocks of
-    `_CPU_QUERY_BLOCK` rows.
-    """
-    length = q.shape[1]
-    if length <= _CPU_QUERY_BLOCK:
-        return _attention_block(q, k, v)
-
-    def blocked(q, k, v):
-        blocks = [_attention_block(q[:, i:i + _CPU_QUERY_BLOCK], k, v) for i in range(0, length, _CPU_QUERY_BLOCK)]
-        return jnp.concatenate(blocks, axis=1)
-
-    return jax.lax.platform_dependent(q, k, v, cpu=blocked, default=_attention_block)
-
-
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact GELU x·Φ(x) = ½x(1 + erf(x/√2)), the torch form, in f32 (1 + erf cancels for x ≪ 0 in bf16); XLA:CPU
-    runs it faster than jax.nn.gelu's erfc form."""
-    x32 = x.astype(jnp.float32)
-    return (0.5 * x32 * (1 + jax.lax.erf(x32 * (1 / math.sqrt(2))))).astype(x.dtype)
-
-
 class Attention(nnx.Module):
     """Multi-head self-attention with a fused q|k|v projection (hub `attn.qkv`, `attn.proj`)."""
 
@@ -281,7 +241,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, length, width = x.shape
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, width // self.num_heads)
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (B, T, N, D)
+        out = ops.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (B, T, N, D)
         return self.proj(out.reshape(batch, length, width))
 
 
@@ -304,7 +264,7 @@ class Mlp(nnx.Module):
         self.fc2 = _linear(cfg, cfg.mlp_dim, cfg.hidden_size, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu(self.fc1(x)))
+        return self.fc2(ops.gelu(self.fc1(x)))
 
 
 class SwiGLU(nnx.Module):

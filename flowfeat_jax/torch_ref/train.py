@@ -75,6 +75,12 @@ def ridge_flow(flow: torch.Tensor, teacher: torch.Tensor, student: torch.Tensor,
     flow (B, c, H, W), teacher / student features (B, d, H, W) -> predicted flow (B, c, H, W).
     """
     batch, _, height, width = student.shape
+    with torch.autocast(student.device.type, enabled=False):  # the Gram matrix and its solve stay f32 under autocast
+        return _ridge_flow_f32(flow.float(), teacher.float(), student.float(), alpha, (batch, height, width))
+
+
+def _ridge_flow_f32(flow, teacher, student, alpha, shape):
+    batch, height, width = shape
     target = _pixels(flow)
     x = _with_ones(_pixels(teacher))
     lhs = x.transpose(-1, -2) @ x / x.shape[1]

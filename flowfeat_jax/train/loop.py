@@ -77,6 +77,7 @@ def build_flowfeat(
     cfg = flowfeat_lib.FlowFeatConfig.from_encoder(
         encoder_cfg, features=model_cfg.features, hooks=tuple(model_cfg.hooks) or None
     )
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, remat=bool(model_cfg.remat)))
     model = nnx.eval_shape(lambda: flowfeat_lib.FlowFeat(cfg, rngs=nnx.Rngs(seed)))
     model.encoder = encoder
     if init_decoder:
@@ -185,6 +186,12 @@ def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
         it = iter(dataset)
         return it, it
     raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {data.source!r}")
+
+
+def next_on_device(batches, mesh) -> tuple[dict, dict]:
+    """The next host batch and its device copy (the copy is asynchronous: it overlaps the running step)."""
+    batch = next(batches)
+    return batch, sharding.shard_batch(batch, mesh)
 
 
 # (model with the evaluated decoder, output folder, feature kinds) -> {"eval/<protocol>/<score>": value, and
@@ -369,12 +376,15 @@ def train(
     tick, tick_step = time.perf_counter(), start
     with StopSignals() as stop:
         try:
+            pending = None  # the next batch, pulled and sent to the device while this step runs
             for step in bar:
-                batch = next(batches)
-                device_batch = sharding.shard_batch(batch, mesh)
+                batch, device_batch = pending or next_on_device(batches, mesh)
                 with jax.transfer_guard("disallow"):
                     state, metrics = train_step(state, device_batch, encoder_params)
                 done = step + 1
+                stopping = stop.received  # read once: a checkpoint's data state never includes a pulled batch
+                saving = done % config.train.checkpoint_every == 0 or done == num_steps or stopping
+                pending = None if saving else next_on_device(batches, mesh)
                 watch.push(done, metrics["finite"], batch["video"])
                 if done % config.train.log_every == 0 or done == num_steps:
                     watch.flush()
@@ -384,11 +394,11 @@ def train(
                     tick, tick_step = now, done
                     writer.scalars(done, last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.1f}")
-                if done % config.train.checkpoint_every == 0 or done == num_steps or stop.received:
+                if saving:
                     checkpointer.save(done, state, meta, data_iterator)
-                if stop.received:
+                if stopping:
                     raise TrainingError(
-                        f"stopped by {stop.received} after step {done}; checkpoint saved in {checkpointer.directory}, "
+                        f"stopped by {stopping} after step {done}; checkpoint saved in {checkpointer.directory}, "
                         "run the same command to resume"
                     )
                 every = config.eval.every

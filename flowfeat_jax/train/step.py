@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flowfeat_jax.models import ops
 from flowfeat_jax.train import crops, ema, losses, ridge
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,16 +78,6 @@ def flow_objective(cfg: StepConfig, pred: jax.Array, target: jax.Array) -> dict[
     return {"loss": total, "flow_loss": flow_term, "grad_loss": grad_term}
 
 
-def run_after(tree: PyTree, dependency: jax.Array) -> PyTree:
-    """`tree` unchanged (x + 0·d), but computed only once `dependency` is: a data dependency that XLA keeps (it does
-    not fold float multiplies by zero), where jax.lax.optimization_barrier does not order XLA:CPU's concurrent thunk
-    executor. Leaves and `dependency` share the leading (batch) axis and each example depends only on its own row,
-    so nothing crosses devices under batch sharding; a non-finite row makes that example non-finite (the step's guard
-    then discards the step, as it would for the non-finite prediction anyway)."""
-    zero = 0 * dependency.reshape(dependency.shape[0], -1)[:, 0]
-    return jax.tree.map(lambda x: x + zero.reshape(-1, *(1,) * (x.ndim - 1)).astype(x.dtype), tree)
-
-
 def make_train_step(
     graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig
 ) -> Callable[[TrainState, dict, PyTree], tuple[TrainState, dict]]:
@@ -124,10 +115,8 @@ def make_train_step(
         teacher = jax.lax.stop_gradient(model_with(encoder_params, teacher_params).decoder(hooked1, out_hw))
         # The ridge map depends only on the teacher, so it is solved once outside the differentiated function.
         coef = ridge.ridge_solve(teacher, flow1, cfg.ridge_alpha)
-        # The student pass starts once the ridge is solved. Left independent, XLA:CPU runs the solve's LAPACK call
-        # beside the student's convolutions; the call then waits on the busy thread pool while holding one of its
-        # threads, and the convolutions run on the rest (+0.38 s per step at ViT-S/14, batch 4, on 2 threads).
-        hooked2 = run_after(hooked2, coef)
+        # On CPU the student pass starts once the ridge is solved (ops.run_after says why).
+        hooked2 = ops.run_after(hooked2, coef)
 
         def loss_fn(params):
             student = model_with(encoder_params, params).decoder(hooked2, out_hw)
