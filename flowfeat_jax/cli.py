@@ -56,6 +56,17 @@ def run_guarded(fn: Callable[[], object], *, prog: str, verbose: bool) -> int:
     return 0
 
 
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `--flag V` or `--flag=V` in argv (the last one), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+    return value
+
+
 def absl_flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
     """A `flags_parser` for absl's app.run: a bad flag, config file or `--config.a.b=v` override (unknown key, wrong
     type) ends in one line and exit status 2 instead of absl's two lines or a traceback (kept with --verbose)."""
@@ -65,11 +76,18 @@ def absl_flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
 
         try:
             return flags.FLAGS(argv)
-        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
             if "--verbose" in argv:
                 raise
             message = one_line(e)
-            if isinstance(e, (AttributeError, KeyError)):  # ml_collections: the override names no key of the config
+            config_file = _flag_value(argv, "--config")
+            if isinstance(e, SyntaxError):  # config_flags executes the config file while parsing
+                from flowfeat_jax.config import config_file_syntax_error
+
+                message = config_file_syntax_error(config_file or e.filename, e)
+            elif isinstance(e, AttributeError) and "get_config" in message:
+                message = f"config file {config_file} defines no get_config() (it must return a ConfigDict)"
+            elif isinstance(e, (AttributeError, KeyError)):  # ml_collections: the override names no key of the config
                 culprit = [a for a in argv[1:] if a.startswith("--config.") and message.split()[0].strip("'") in a]
                 message = f"unknown config key in {culprit[0] if culprit else 'a --config override'}: {message}"
             print(f"{prog}: error: {message}", file=sys.stderr)

@@ -108,6 +108,47 @@ def write_json_atomic(path: pathlib.Path, content: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: pathlib.Path) -> dict:
+    """A manifest or shard json; ValueError naming the file when it is not a JSON object."""
+    try:
+        content = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete the export and export again") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
+
+
+def check_manifest(path: pathlib.Path, manifest: dict) -> None:
+    """The keys readers use are present and the totals equal the sums over the shards (a hand-edited or mixed-up
+    manifest would otherwise index the wrong records)."""
+    needed = ("params", "shards", "num_videos", "num_frames", "num_pairs", "num_skipped", "nonfinite_pairs")
+    missing = [k for k in needed if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks {', '.join(missing)}")
+    for total, part in (("num_videos", "num_videos"), ("num_frames", "num_frames"), ("num_pairs", "num_pairs")):
+        summed = sum(int(shard.get(part, -1)) for shard in manifest["shards"])
+        if summed != manifest[total]:
+            raise ValueError(f"{path}: {total} is {manifest[total]} but its shards hold {summed}")
+    for shard in manifest["shards"]:
+        videos = shard.get("videos", [])
+        if len(videos) != shard.get("num_videos") or sum(v.get("num_frames", 0) for v in videos) != shard.get(
+            "num_frames"
+        ):
+            raise ValueError(f"{path}: shard {shard.get('tag')} lists {len(videos)} videos with other counts than "
+                             f"its num_videos / num_frames")
+        pairs = sum(num_pairs(v["num_frames"], int(manifest["params"]["gap"])) for v in videos)
+        if pairs != shard.get("num_pairs"):
+            raise ValueError(f"{path}: shard {shard.get('tag')} says {shard.get('num_pairs')} pairs, its videos make "
+                             f"{pairs} at gap {manifest['params']['gap']}")
+
+
+def _read_manifest(path: pathlib.Path) -> dict:
+    manifest = read_json(path)
+    check_manifest(path, manifest)
+    return manifest
+
+
 def load_manifests(export_dir: str | os.PathLike) -> list[dict]:
     """The manifest of ``export_dir``: ``manifest.json``, or all parts ``manifest-I-of-N.json`` (every I present,
     one parameter set). Raises FileNotFoundError / ValueError naming what is missing or inconsistent."""
@@ -115,7 +156,7 @@ def load_manifests(export_dir: str | os.PathLike) -> list[dict]:
     if not root.is_dir():
         raise FileNotFoundError(f"flow export directory not found: {root}")
     if (root / "manifest.json").is_file():
-        return [json.loads((root / "manifest.json").read_text())]
+        return [_read_manifest(root / "manifest.json")]
     parts = {}
     for path in root.iterdir():
         match = _MANIFEST_PART.match(path.name)
@@ -129,7 +170,7 @@ def load_manifests(export_dir: str | os.PathLike) -> list[dict]:
     missing = [manifest_name(i, count) for i in range(count) if i not in found]
     if missing:
         raise FileNotFoundError(f"{root} lacks manifest parts {missing} (workers not finished?)")
-    manifests = [json.loads(found[i].read_text()) for i in range(count)]
+    manifests = [_read_manifest(found[i]) for i in range(count)]
     for i, manifest in enumerate(manifests[1:], 1):
         if manifest["params"] != manifests[0]["params"]:
             raise ValueError(f"{found[i]} was exported with other parameters than {found[0]}")
