@@ -163,7 +163,7 @@ def _prepare_out_dir(out_dir: pathlib.Path, params: dict, cfg: ExportConfig, ove
             if existing.get("params") != params:
                 if not overwrite:
                     old = existing.get("params", {})
-                    diff = [f"{k} {old.get(k)!r} (now {params[k]!r})" for k in sorted(params) if old.get(k) != params[k]]
+                    diff = [f"{k} {old.get(k)!r} (now {v!r})" for k, v in sorted(params.items()) if old.get(k) != v]
                     raise ValueError(
                         f"{path} was exported with other parameters (differing: {', '.join(diff)}); "
                         "use another output directory or --overwrite"

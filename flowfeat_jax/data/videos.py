@@ -1,7 +1,7 @@
 """Video ingestion: find the videos under a path and decode their frames.
 
-A video is either a folder of frames (``.jpg``/``.jpeg``/``.png`` in natural order: ``2.jpg`` before ``10.jpg``) or a video file
-(``.mp4``/``.webm``/``.avi``/``.mkv``/``.mov``, decoded with PyAV). ``list_videos`` accepts
+A video is either a folder of frames (``.jpg``/``.jpeg``/``.png`` in natural order: ``2.jpg`` before ``10.jpg``) or a
+video file (``.mp4``/``.webm``/``.avi``/``.mkv``/``.mov``, decoded with PyAV). ``list_videos`` accepts
 
 - one video (a frame folder or a video file);
 - a folder of videos (frame folders or video files) one level down, or two where the first level holds only
