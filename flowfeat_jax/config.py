@@ -273,9 +273,15 @@ def check_eval_options(
     return problems
 
 
-def raise_problems(problems: Sequence[str]) -> None:
+def check_evaluate_flags(protocols: Sequence[str], short_side: int, max_frames: int, patch_size: int) -> None:
+    """`check_eval_options` for the flags of flowfeat_jax.evaluate (named as flags), raising on any problem."""
+    names = ("--protocols", "--short_side", "--max_frames")
+    raise_problems(check_eval_options(protocols, short_side, max_frames, patch_size=patch_size, names=names), "")
+
+
+def raise_problems(problems: Sequence[str], what: str = "invalid config: ") -> None:
     if problems:
-        raise ValueError("invalid config: " + "; ".join(problems))
+        raise ValueError(what + "; ".join(problems))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

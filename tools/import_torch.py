@@ -29,11 +29,13 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from flowfeat_jax import cli
-    from flowfeat_jax.config import load_config
+    from flowfeat_jax.config import load_config, validate_config
     from flowfeat_jax.ports.flowfeat import import_flowfeat  # after argument parsing, so --help answers at once
 
     def run() -> None:
         config = load_config(args.config) if args.config else None
+        if config is not None:
+            validate_config(config)
         out = import_flowfeat(args.pth, args.out, config, num_heads=args.num_heads, family=args.family)
         print(f"wrote {out} (encoder {out / 'encoder'}, checkpoint step 0)")
 

@@ -216,13 +216,27 @@ class FlowRecords:
         return len(self.names)
 
 
-def _check_shard_file(root: pathlib.Path, name: str, size: int) -> str:
+def _check_shard_file(root: pathlib.Path, name: str, size: int, count: int) -> str:
+    """The path of a shard file that exists, has the manifest's size, opens as ArrayRecord (its footer and index read,
+    not its records) and holds the manifest's record count; else one error naming it."""
+    from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
+
     path = root / name
     if not path.is_file():
         raise FileNotFoundError(f"shard file {path} listed in the manifest is missing")
     actual = path.stat().st_size
     if actual != size:
         raise ValueError(f"shard file {path} is {actual} bytes, the manifest says {size}: truncated or overwritten")
+    try:
+        reader = ArrayRecordReader(str(path))
+        try:
+            found = reader.num_records()
+        finally:
+            reader.close()
+    except (RuntimeError, OSError, ValueError) as e:  # riegeli reports damaged bytes as RuntimeError
+        raise ValueError(f"shard file {path} is damaged ({' '.join(str(e).split())[:200]}); export it again") from None
+    if found != count:
+        raise ValueError(f"shard file {path} holds {found} records, the manifest says {count}")
     return str(path)
 
 
@@ -235,8 +249,8 @@ def open_flow_records(export_dir: str | os.PathLike) -> FlowRecords:
     frames_so_far = pairs_so_far = 0
     for manifest in manifests:
         for shard in manifest["shards"]:
-            frame_files.append(_check_shard_file(root, shard["frames_file"], shard["frames_bytes"]))
-            flow_files.append(_check_shard_file(root, shard["flows_file"], shard["flows_bytes"]))
+            frame_files.append(_check_shard_file(root, shard["frames_file"], shard["frames_bytes"], shard["num_frames"]))
+            flow_files.append(_check_shard_file(root, shard["flows_file"], shard["flows_bytes"], shard["num_pairs"]))
             for video in shard["videos"]:
                 ids.append(video["video"])
                 names.append(video["name"])

@@ -65,7 +65,10 @@ def build_flowfeat(
     if model_cfg.encoder:
         from flowfeat_jax.ports import vit as vit_ports
 
-        encoder = vit_ports.from_pretrained(model_cfg.encoder, dtype=dtype, pos_interp=model_cfg.pos_interp or None)
+        try:
+            encoder = vit_ports.from_pretrained(model_cfg.encoder, dtype=dtype, pos_interp=model_cfg.pos_interp or None)
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"model.encoder: {error}") from None
         encoder_cfg, source = encoder.cfg, model_cfg.encoder
     else:
         encoder_cfg = encoder_config(model_cfg)
