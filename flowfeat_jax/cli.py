@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 
 class UserError(Exception):
@@ -24,8 +26,9 @@ def one_line(error: BaseException) -> str:
 
 
 # Orbax and grain log the tracebacks of their background threads at ERROR on `absl`; after a failed save orbax's
-# leftover threads log "Event loop is closed" on `concurrent.futures` while the process exits.
-_LIBRARY_LOGGERS = ("absl", "concurrent.futures")
+# leftover threads log "Event loop is closed" on `concurrent.futures`, and its unawaited writes "exception was never
+# retrieved" on `asyncio` (one per array on a really full disk), while the process exits.
+_LIBRARY_LOGGERS = ("absl", "concurrent.futures", "asyncio")
 
 
 class _DropLibraryErrors(logging.Filter):
@@ -54,6 +57,44 @@ def run_guarded(fn: Callable[[], object], *, prog: str, verbose: bool) -> int:
     for logger in loggers:
         logger.removeFilter(quiet)
     return 0
+
+
+@contextlib.contextmanager
+def stderr_kept_on_success(drain_s: float = 0.0) -> Iterator[None]:
+    """File descriptor 2 goes to a temporary file inside the block (C++ threads write there past Python's
+    sys.stderr); what was written is passed on when the block succeeds and dropped when it raises (the error is
+    then reported once, by run_guarded), after `drain_s` seconds for threads still failing to print theirs."""
+    import tempfile
+    import time
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            time.sleep(drain_s)
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace")
+    if text:
+        sys.stderr.write(text)
+
+
+def silence_stderr_at_exit() -> None:
+    """After a reported error, points file descriptor 2 at /dev/null for the rest of the process: a failed
+    checkpoint write leaves tensorstore writes in flight whose callbacks print "Event loop is closed" tracebacks
+    (hundreds on a full disk) from C++ threads while the interpreter shuts down, past any Python logger or hook.
+    For CLIs only, right before they exit."""
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def _flag_value(argv: Sequence[str], flag: str) -> str | None:

@@ -36,7 +36,10 @@ def main(argv: list[str]) -> int:
         final = loop.train(config, workdir)
         print(f"done: {workdir} " + " ".join(f"{k}={v:.4g}" for k, v in final.items()))
 
-    return cli.run_guarded(train, prog="flowfeat_jax.main", verbose=_VERBOSE.value)
+    status = cli.run_guarded(train, prog="flowfeat_jax.main", verbose=_VERBOSE.value)
+    if status and not _VERBOSE.value:
+        cli.silence_stderr_at_exit()  # the error line is out; what leftover save threads print on exit is noise
+    return status
 
 
 if __name__ == "__main__":

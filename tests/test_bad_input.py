@@ -814,7 +814,8 @@ def test_export_import_round_trip_keeps_heads_and_pos_interp(disk_full_run, expo
 def test_a_file_without_architecture_of_an_unreleased_width_needs_the_head_count(tmp_path, capsys, width, heads):
     encoder = HubViTConfig(patch_size=16, hidden_size=width, num_layers=4, num_heads=heads, mlp_dim=64, pos_grid=4)
     torch.manual_seed(0)
-    torch.save(TorchFlowFeat(TorchFlowFeatConfig(encoder, (16,) * 4, 16, (0, 1, 2, 3))).state_dict(), tmp_path / "x.pth")
+    model = TorchFlowFeat(TorchFlowFeatConfig(encoder, (width,) * 4, 16, (0, 1, 2, 3)))  # DINO widths: the encoder's
+    torch.save(model.state_dict(), tmp_path / "x.pth")
     main = tool_main("import_torch")
     assert main(["--pth", str(tmp_path / "x.pth"), "--out", str(tmp_path / "run")]) == 1
     assert_one_line(capsys.readouterr().err, "import_torch", str(tmp_path / "x.pth"), f"width {width}", "--num-heads")
@@ -840,11 +841,11 @@ def test_export_torch_refuses_outputs_before_any_work(disk_full_run, tmp_path, c
     elif case == "existing folder":
         out.mkdir()
     extra = ["--safetensors"] if case == "pth with --safetensors" else []
-    before = file_hashes(tmp_path)
+    before, listing = file_hashes(tmp_path), sorted(tmp_path.rglob("*"))
     assert tool_main("export_torch")(["--checkpoint", str(disk_full_run[0]), "--out", str(out), *extra]) == 1
     named = {"existing file": "--overwrite", "existing folder": "is a folder"}.get(case, "must end in")
     assert_one_line(capsys.readouterr().err, "export_torch", str(out), named)
-    assert file_hashes(tmp_path) == before and sorted(tmp_path.iterdir()) == sorted(before and tmp_path.iterdir())
+    assert file_hashes(tmp_path) == before and sorted(tmp_path.rglob("*")) == listing
 
 
 def test_export_torch_overwrite_replaces_the_file(disk_full_run, tmp_path):
