@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 
 class UserError(Exception):
@@ -25,8 +27,9 @@ def one_line(error: BaseException) -> str:
 
 
 # Orbax and grain log the tracebacks of their background threads at ERROR on `absl`; after a failed save orbax's
-# leftover threads log "Event loop is closed" on `concurrent.futures` while the process exits.
-_LIBRARY_LOGGERS = ("absl", "concurrent.futures")
+# leftover threads log "Event loop is closed" on `concurrent.futures`, and its unawaited writes "exception was never
+# retrieved" on `asyncio` (one per array on a really full disk), while the process exits.
+_LIBRARY_LOGGERS = ("absl", "concurrent.futures", "asyncio")
 
 
 class _DropLibraryErrors(logging.Filter):
@@ -57,6 +60,55 @@ def run_guarded(fn: Callable[[], object], *, prog: str, verbose: bool) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def stderr_kept_on_success(drain_s: float = 0.0) -> Iterator[None]:
+    """File descriptor 2 goes to a temporary file inside the block (C++ threads write there past Python's
+    sys.stderr); what was written is passed on when the block succeeds and dropped when it raises (the error is
+    then reported once, by run_guarded), after `drain_s` seconds for threads still failing to print theirs."""
+    import tempfile
+    import time
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            time.sleep(drain_s)
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace")
+    if text:
+        sys.stderr.write(text)
+
+
+def silence_stderr_at_exit() -> None:
+    """After a reported error, points file descriptor 2 at /dev/null for the rest of the process: a failed
+    checkpoint write leaves tensorstore writes in flight whose callbacks print "Event loop is closed" tracebacks
+    (hundreds on a full disk) from C++ threads while the interpreter shuts down, past any Python logger or hook.
+    For CLIs only, right before they exit."""
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `--flag V` or `--flag=V` in argv (the last one), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+    return value
+
+
 def absl_flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
     """A `flags_parser` for absl's app.run: a bad flag, config file or `--config.a.b=v` override (unknown key, wrong
     type) ends in one line and exit status 2 instead of absl's two lines or a traceback (kept with --verbose)."""
@@ -66,11 +118,18 @@ def absl_flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
 
         try:
             return flags.FLAGS(argv)
-        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
             if "--verbose" in argv:
                 raise
             message = one_line(e)
-            if isinstance(e, (AttributeError, KeyError)):  # ml_collections: the override names no key of the config
+            config_file = _flag_value(argv, "--config")
+            if isinstance(e, SyntaxError):  # config_flags executes the config file while parsing
+                from flowfeat_jax.config import config_file_syntax_error
+
+                message = config_file_syntax_error(config_file or e.filename, e)
+            elif isinstance(e, AttributeError) and "get_config" in message:
+                message = f"config file {config_file} defines no get_config() (it must return a ConfigDict)"
+            elif isinstance(e, (AttributeError, KeyError)):  # ml_collections: the override names no key of the config
                 culprit = [a for a in argv[1:] if a.startswith("--config.") and message.split()[0].strip("'") in a]
                 message = f"unknown config key in {culprit[0] if culprit else 'a --config override'}: {message}"
             print(f"{prog}: error: {message}", file=sys.stderr)

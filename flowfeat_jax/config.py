@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import pathlib
+from collections.abc import Callable, Sequence
 
 import ml_collections
 
@@ -73,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 3
     c.train.max_nonfinite = 10  # stop after this many consecutive non-finite steps
+    c.train.allow_changes = False  # resume with changed trajectory settings (the old config kept as config.<step>.json)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.flow = "l1"  # 'l1' released | 'l2' ablation
@@ -184,5 +187,174 @@ def load_config(name: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"no config file {name!r} (nor {path}); configs/ has: {known}")
     spec = importlib.util.spec_from_file_location(f"flowfeat_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ValueError(config_file_syntax_error(path, e)) from None
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path} defines no get_config() (it must return an ml_collections.ConfigDict)")
     return module.get_config()
+
+
+def config_file_syntax_error(path: str | pathlib.Path, error: SyntaxError) -> str:
+    """One line for a config file that does not parse: the file, line and Python's reason."""
+    return f"config file {path}: line {error.lineno}: {error.msg}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation: one pass over the whole config before any work (issue 21 item 8)
+# --------------------------------------------------------------------------------------------------------------------
+
+# A rule: (test of the value, the expected range in words). Keys are written as on the command line.
+Rule = tuple[Callable[[object], bool], str]
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low: float) -> Rule:
+    return (lambda v: _number(v) and v >= low), f"a finite number >= {low:g}"
+
+
+def above(low: float) -> Rule:
+    return (lambda v: _number(v) and v > low), f"a finite number > {low:g}"
+
+
+def half_open(low: float, high: float) -> Rule:
+    return (lambda v: _number(v) and low <= v < high), f"in [{low:g}, {high:g})"
+
+
+def closed(low: float, high: float) -> Rule:
+    return (lambda v: _number(v) and low <= v <= high), f"in [{low:g}, {high:g}]"
+
+
+def one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
+
+
+def _crop_scale(value: object) -> bool:
+    pair = tuple(value) if isinstance(value, (tuple, list)) else ()
+    return len(pair) == 2 and all(_number(v) for v in pair) and 0 < pair[0] <= pair[1] <= 1
+
+
+EVAL_PROTOCOLS = ("knn", "linear")
+FLOW_METHODS = ("dis", "searaft", "raft")  # flowfeat_jax.flow.methods.METHODS (checked equal in the tests)
+
+# Every field of base_config() with a natural range; fields not listed are strings checked where they are used
+# (paths, encoder names) or booleans.
+CONFIG_RULES: dict[str, Rule] = {
+    "seed": at_least(0),
+    "model.encoder_size.patch_size": at_least(0),
+    "model.encoder_size.hidden_size": at_least(0),
+    "model.encoder_size.num_layers": at_least(0),
+    "model.encoder_size.num_heads": at_least(0),
+    "model.encoder_size.mlp_dim": at_least(0),
+    "model.pos_interp": one_of("", "hf", "hub"),
+    "model.features": at_least(1),
+    "model.dtype": one_of("float32", "bfloat16", "float16"),
+    "data.source": one_of("records", "synthetic"),
+    "data.method": one_of(*FLOW_METHODS),
+    "data.gap": at_least(1),
+    "data.frame_size": at_least(8),
+    "data.flow_size": at_least(8),
+    "data.jpeg_quality": closed(1, 100),
+    "data.num_workers": at_least(0),
+    "data.prefetch": at_least(1),
+    "train.batch_size": at_least(1),
+    "train.num_steps": at_least(1),
+    "train.lr": at_least(0),
+    "train.b1": half_open(0, 1),
+    "train.b2": half_open(0, 1),
+    "train.weight_decay": at_least(0),
+    "train.input_size": at_least(2),
+    "train.crop_scale": (_crop_scale, "two numbers (low, high) with 0 < low <= high <= 1"),
+    "train.log_every": at_least(1),
+    "train.checkpoint_every": at_least(1),
+    "train.keep_checkpoints": at_least(1),
+    "train.max_nonfinite": at_least(1),
+    "loss.flow": one_of("l1", "l2"),
+    "loss.flow_weight": at_least(0),
+    "loss.grad_weight": at_least(0),
+    "loss.sigma": above(0),
+    "loss.ridge_alpha": above(0),
+    "ema.beta": half_open(0, 1),
+    "ema.update_after_step": at_least(0),
+    "ema.update_every": at_least(1),
+    "ema.power": above(0),
+    "ema.inv_gamma": above(0),
+    "eval.every": at_least(0),
+    "eval.decoder": one_of("online", "ema"),
+    "data.iters": at_least(0),
+}
+
+
+def config_value(config: ml_collections.ConfigDict, key: str) -> object:
+    """The value at a dotted key (`train.crop_scale`)."""
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def check_eval_options(
+    protocols: Sequence[str],
+    short_side: int,
+    max_frames: int,
+    *,
+    patch_size: int | None = None,
+    names: Sequence[str] = ("eval.protocols", "eval.short_side", "eval.max_frames"),
+) -> list[str]:
+    """Problems with DAVIS evaluation options (config keys, or the flags of flowfeat_jax.evaluate via `names`).
+
+    `short_side` must hold one even token grid (2 patches; recipe, Model); label propagation needs the first frame
+    and at least one more (max_frames 0 = all).
+    """
+    protocols_name, short_name, frames_name = names
+    problems = []
+    unknown = [p for p in protocols if p not in EVAL_PROTOCOLS]
+    if unknown or not protocols:
+        problems.append(f"{protocols_name} must be a comma-separated subset of {', '.join(EVAL_PROTOCOLS)}, "
+                        f"got {','.join(protocols)!r}")
+    lowest = 2 * patch_size if patch_size else 2
+    if not (_number(short_side) and short_side >= lowest):
+        problems.append(f"{short_name} must be >= {lowest} (two patches), got {short_side}")
+    if not (_number(max_frames) and (max_frames == 0 or max_frames >= 2)):
+        problems.append(f"{frames_name} must be 0 (all frames) or >= 2 (a first frame and one to propagate to), "
+                        f"got {max_frames}")
+    return problems
+
+
+def check_evaluate_flags(protocols: Sequence[str], short_side: int, max_frames: int, patch_size: int) -> None:
+    """`check_eval_options` for the flags of flowfeat_jax.evaluate (named as flags), raising on any problem."""
+    names = ("--protocols", "--short_side", "--max_frames")
+    raise_problems(check_eval_options(protocols, short_side, max_frames, patch_size=patch_size, names=names), "")
+
+
+def raise_problems(problems: Sequence[str], what: str = "invalid config: ") -> None:
+    if problems:
+        raise ValueError(what + "; ".join(problems))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every ranged field and the relations between fields; one ValueError listing every problem, each naming
+    its key as the user writes it and the expected range. Call before any work (every entry point that takes a
+    training config does)."""
+    problems = []
+    for key, (test, expected) in CONFIG_RULES.items():
+        value = config_value(config, key)
+        if not test(value):
+            problems.append(f"{key} must be {expected}, got {value!r}")
+    data, train = config.data, config.train
+    if _number(data.flow_size) and _number(data.frame_size) and data.flow_size > data.frame_size:
+        problems.append(f"data.flow_size ({data.flow_size}) must be <= data.frame_size ({data.frame_size})")
+    if _number(train.input_size) and _number(data.frame_size) and train.input_size > data.frame_size:
+        problems.append(f"train.input_size ({train.input_size}) must be <= data.frame_size ({data.frame_size})")
+    if config.loss.flow_weight == 0 and config.loss.grad_weight == 0:
+        problems.append("loss.flow_weight and loss.grad_weight are both 0: nothing to train")
+    hooks = tuple(config.model.hooks)
+    if hooks and (len(hooks) != 4 or not all(isinstance(h, int) and h >= 0 for h in hooks)):
+        problems.append(f"model.hooks must be () (every quarter) or 4 block indices >= 0, got {hooks}")
+    protocols = [p for p in config.eval.protocols.split(",") if p]
+    problems += check_eval_options(protocols, config.eval.short_side, config.eval.max_frames)
+    raise_problems(problems)

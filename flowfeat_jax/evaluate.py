@@ -54,6 +54,7 @@ def write_table_csv(results: dict, path: pathlib.Path) -> None:
 
 
 def run() -> pathlib.Path:
+    from flowfeat_jax import config as config_lib
     from flowfeat_jax.eval import features
     from flowfeat_jax.eval.knn import KnnSettings
     from flowfeat_jax.eval.linear_probe import ProbeSettings
@@ -64,6 +65,7 @@ def run() -> pathlib.Path:
     if _CONFIG.value is not None and not _WORKDIR.value:
         from flowfeat_jax.train.loop import build_flowfeat
 
+        config_lib.validate_config(_CONFIG.value)
         model, source = build_flowfeat(_CONFIG.value.model, _CONFIG.value.seed)
         logging.info("evaluating an untrained decoder on %s", source)
     elif _WORKDIR.value:
@@ -71,6 +73,7 @@ def run() -> pathlib.Path:
         logging.info("evaluating %s at step %d", _WORKDIR.value, step)
     else:
         raise ValueError("give --workdir (a run with a checkpoint) or --config (a model without training)")
+    config_lib.check_evaluate_flags(_PROTOCOLS.value, _SHORT_SIDE.value, _MAX_FRAMES.value, model.cfg.encoder.patch_size)
     out = pathlib.Path(_OUT.value or pathlib.Path(_WORKDIR.value or ".") / "eval_davis")
     results = features.evaluate_davis(
         model,

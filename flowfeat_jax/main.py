@@ -49,7 +49,10 @@ def main(argv: list[str]) -> int:
             print("pictures (frame | encoder PCA | FlowFeat PCA): " +
                   " ".join(str(p) for p in sorted((evaluated / "pca").glob("*.png"))))
 
-    return cli.run_guarded(train, prog="flowfeat_jax.main", verbose=_VERBOSE.value)
+    status = cli.run_guarded(train, prog="flowfeat_jax.main", verbose=_VERBOSE.value)
+    if status and not _VERBOSE.value:
+        cli.silence_stderr_at_exit()  # the error line is out; what leftover save threads print on exit is noise
+    return status
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ import shutil
 import subprocess
 import sys
 
+import flax.nnx as flax_nnx
+import jax
 import numpy as np
+import optax
 import pytest
 import torch
 from etils import epath
@@ -27,10 +30,14 @@ from PIL import Image
 from test_train_loop import tiny_config
 
 from flowfeat_jax import cli
-from flowfeat_jax.data import export, pipeline, records
+from flowfeat_jax.data import export, pipeline, records, synthetic
+from flowfeat_jax.data import videos as videos_lib
+from flowfeat_jax.eval import davis as davis_lib
 from flowfeat_jax.torch_ref.flowfeat import TorchFlowFeat, TorchFlowFeatConfig
 from flowfeat_jax.torch_ref.vit import HubViTConfig
+from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import loop
+from flowfeat_jax.train import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CLIP = REPO / "flowfeat_jax" / "assets" / "demo_clip"
@@ -489,6 +496,478 @@ def test_import_torch_bad_file(released_state, tmp_path, capsys, change, key):
         pth.write_bytes(b"PK\x03\x04 not a torch file")
     else:
         torch.save(state, pth)
-    assert tool_main("import_torch")(["--pth", str(pth), "--out", str(tmp_path / "run")]) == 1
+    argv = ["--pth", str(pth), "--out", str(tmp_path / "run"), "--num-heads", "1"]  # width 64: not a released width
+    assert tool_main("import_torch")(argv) == 1
     assert_one_line(capsys.readouterr().err, "import_torch", key or str(pth))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"]  # nothing written
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 21: no silent wrong results. Each class of the issue, one row per case (and siblings), through the one
+# mechanism that fixes it: config.validate_config, export.export_mismatches, videos.frame_files / read_rgb, the
+# step's update guard + loop.save_checkpoint, the architecture record of exports, loop's resume rules and RunLock.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def records_config(records_dir: pathlib.Path, **data):
+    """tiny_config on an export of EXPORT_ARGS (64 px frames, 32 px flow, gap 2, DIS), with `data` overrides."""
+    config = tiny_config()
+    config.data.source, config.data.records = "records", str(records_dir)
+    config.data.frame_size, config.data.flow_size, config.data.num_workers = 64, 32, 0
+    for key, value in data.items():
+        config.data[key] = value
+    return config
+
+
+# Class 1: data settings an existing export contradicts (the run would record settings it did not use).
+@pytest.mark.parametrize(
+    "key, value, exported_value",
+    [
+        ("frame_size", 112, 64),
+        ("flow_size", 16, 32),
+        ("gap", 1, 2),
+        ("method", "searaft", "dis"),
+        ("jpeg_quality", 80, 95),  # sibling
+        ("videos", "{tmp}/other_videos", "videos"),  # sibling: another video folder than the export's
+    ],
+)
+def test_data_settings_that_the_export_contradicts_are_refused(exported, tmp_path, key, value, exported_value):
+    before = file_hashes(exported)
+    if key == "videos":
+        value = value.format(tmp=tmp_path)
+        make_video(pathlib.Path(value) / "clip", 16)
+    status, stderr = guarded_train(records_config(exported, **{key: value}), tmp_path / "run")
+    assert status == 1
+    assert_one_line(stderr, "flowfeat_jax.main", str(exported), f"data.{key}", repr(value), str(exported_value))
+    assert file_hashes(exported) == before
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_matching_data_settings_train_and_config_json_records_them(exported, tmp_path):
+    config = records_config(exported)
+    config.train.num_steps = 1
+    loop.train(config, tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    params = records.load_manifests(exported)[0]["params"]
+    assert [written[k] for k in export.REQUESTABLE_PARAMS] == [params[k] for k in export.REQUESTABLE_PARAMS]
+
+
+# Classes 2-4: frame folders (order, odd entries, bit depth).
+def test_numbered_frames_are_read_in_natural_order(tmp_path):
+    folder = tmp_path / "video"
+    folder.mkdir()
+    for i, path in enumerate(CLIP_FRAMES[:12]):
+        shutil.copy(path, folder / f"{i + 1}.jpg")
+    (folder / "notes.txt").write_text("not a frame")  # other files are not frames, and not an error
+    listed = videos_lib.list_videos(folder, min_frames=5).videos[0]
+    assert [p.name for p in listed.frames] == [f"{i}.jpg" for i in range(1, 13)]
+    assert [p.name for p in davis_lib._sorted_files(folder, ".jpg")] == [f"{i}.jpg" for i in range(1, 13)]
+    first = next(videos_lib.iter_frames(listed))
+    np.testing.assert_array_equal(first, np.asarray(Image.open(CLIP_FRAMES[0]).convert("RGB")))
+
+
+@pytest.mark.parametrize("entry", ["folder", "broken link", "folder named like a frame"])
+def test_an_odd_entry_among_frames_is_named(tmp_path, capsys, entry):
+    video = make_video(tmp_path / "videos" / "clip", 6)
+    odd = {"folder": video / "extra", "broken link": video / "00002b.jpg"}.get(entry, video / "00003a.jpg")
+    if entry == "broken link":
+        odd.symlink_to(tmp_path / "missing.jpg")
+    else:
+        odd.mkdir()
+    argv = ["--videos", str(tmp_path / "videos"), "--out", str(tmp_path / "flow"), *EXPORT_ARGS]
+    assert tool_main("export_flow")(argv) == 1
+    assert_one_line(capsys.readouterr().err, "export_flow", str(odd), "among the frames")
+    assert not (tmp_path / "flow").exists()
+    with pytest.raises(ValueError, match="among the frames"):  # the DAVIS reader uses the same helper
+        davis_lib._sorted_files(video, ".jpg")
+
+
+def test_sixteen_bit_frames_are_scaled_by_their_depth(tmp_path):
+    folder = tmp_path / "videos" / "grey16"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    frames16 = [rng.integers(0, 65536, (40, 48), dtype=np.uint16) for _ in range(5)]
+    for t, frame in enumerate(frames16):
+        Image.fromarray(frame).save(folder / f"{t:05d}.png")
+    assert Image.open(folder / "00000.png").mode == "I;16"
+    expected = [np.repeat(((f.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, -1)
+                for f in frames16]
+    listed = videos_lib.list_videos(folder, min_frames=5).videos[0]
+    for got, want in zip(videos_lib.iter_frames(listed), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert 60 < expected[0].mean() < 195  # uniform noise: mid-grey on average, where convert("RGB") gave white
+
+
+def test_floating_point_frames_are_refused(tmp_path, capsys):
+    folder = tmp_path / "videos" / "float"
+    folder.mkdir(parents=True)
+    for t in range(5):
+        Image.fromarray(np.full((32, 32), 0.5, np.float32)).save(folder / f"{t:05d}.tif")
+        (folder / f"{t:05d}.tif").rename(folder / f"{t:05d}.png")  # PIL opens by content, not name
+    argv = ["--videos", str(tmp_path / "videos"), "--out", str(tmp_path / "flow"), *EXPORT_ARGS]
+    assert tool_main("export_flow")(argv) == 1
+    assert_one_line(capsys.readouterr().err, "export_flow", str(folder / "00000.png"), "floating-point")
+
+
+# Class 5: non-finite updates never reach the state, and a non-finite state never a checkpoint.
+def test_a_nan_update_with_a_finite_gradient_is_discarded():
+    config = tiny_config()
+    model, _ = loop.build_flowfeat(config.model, config.seed)
+    graphdef, model_state = flax_nnx.split(model)
+    pure = flax_nnx.to_pure_dict(model_state)
+    tx = optax.adamw(float("nan"))  # what --config.train.lr=nan built before validate_config refused it
+    state = loop.init_train_state(pure["decoder"], tx, 0)
+    before = ckpt_lib.tree_digest((state.params, state.ema_params, state.opt_state))
+    step = step_lib.make_train_step(graphdef, tx, loop.step_config(config))
+    batch = next(synthetic.synthetic_batches(0, 2, 112, 56))
+    new_state, metrics = jax.jit(step)(state, batch, pure["encoder"])
+    assert np.isfinite(float(metrics["grad_norm"])) and not bool(metrics["finite"])
+    assert ckpt_lib.tree_digest((new_state.params, new_state.ema_params, new_state.opt_state)) == before
+    assert int(new_state.nonfinite) == 1
+
+
+def test_a_non_finite_state_is_never_checkpointed(disk_full_run, tmp_path):
+    workdir = copy_run(disk_full_run[0], tmp_path / "run")
+    before = file_hashes(workdir)
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints")
+    state, meta = checkpointer.restore_raw(3)
+    state = step_lib.TrainState(**state)
+    state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+    with pytest.raises(loop.TrainingError, match="step 9: the train state holds non-finite values; not saved"):
+        loop.save_checkpoint(checkpointer, 9, state, meta, None)
+    checkpointer.close()
+    assert file_hashes(workdir) == before
+
+
+# Class 8 (and 9's options): one validation pass before any work, each error naming the key and its range.
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("loss.ridge_alpha", 0.0, "> 0"),
+        ("loss.ridge_alpha", -1.0, "> 0"),
+        ("loss.sigma", 0.0, "> 0"),
+        ("ema.beta", 1.0, "[0, 1)"),
+        ("ema.beta", -0.1, "[0, 1)"),
+        ("train.lr", -1e-4, ">= 0"),
+        ("train.lr", float("nan"), ">= 0"),
+        ("train.lr", float("inf"), ">= 0"),
+        ("train.crop_scale", (0.5, 1.5), "0 < low <= high <= 1"),
+        ("train.crop_scale", (0.0, 0.5), "0 < low <= high <= 1"),
+        ("train.crop_scale", (0.8, 0.5), "0 < low <= high <= 1"),
+        ("train.input_size", 0, ">= 2"),
+        ("model.features", 0, ">= 1"),
+        ("data.frame_size", 42, "train.input_size (56) must be <= data.frame_size (42)"),
+        # siblings: every other field with a natural range
+        ("train.batch_size", 0, ">= 1"),
+        ("train.num_steps", 0, ">= 1"),
+        ("train.b1", 1.0, "[0, 1)"),
+        ("train.weight_decay", -0.1, ">= 0"),
+        ("train.log_every", 0, ">= 1"),
+        ("train.checkpoint_every", 0, ">= 1"),
+        ("train.max_nonfinite", 0, ">= 1"),
+        ("loss.flow", "l3", "'l1', 'l2'"),
+        ("loss.flow_weight", -1.0, ">= 0"),
+        ("ema.update_every", 0, ">= 1"),
+        ("ema.power", 0.0, "> 0"),
+        ("data.gap", 0, ">= 1"),
+        ("data.flow_size", 224, "data.flow_size (224) must be <= data.frame_size (112)"),
+        ("data.jpeg_quality", 0, "[1, 100]"),
+        ("data.method", "flownet", "'dis', 'searaft', 'raft'"),
+        ("model.pos_interp", "bicubic", "'hf', 'hub'"),
+        ("eval.protocols", "knn,bogus", "subset of knn, linear"),
+        ("eval.max_frames", 1, ">= 2"),
+        ("eval.every", -1, ">= 0"),
+    ],
+)
+def test_nonsense_settings_are_refused_before_any_work(tmp_path, key, value, expected):
+    config = tiny_config()
+    group, field = key.split(".")
+    config[group][field] = value
+    status, stderr = guarded_train(config, tmp_path / "run")
+    assert status == 1
+    assert_one_line(stderr, "flowfeat_jax.main", key, expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_invalid_override_on_the_command_line_names_the_key(tmp_path):
+    result = run_module(
+        "-m", "flowfeat_jax.main", "--config", "configs/demo.py", f"--workdir={tmp_path}",
+        "--config.train.crop_scale=(0.5, 1.5)", "--config.model.features=0",
+    )
+    assert result.returncode == 1
+    assert_one_line(result.stderr, "flowfeat_jax.main", "train.crop_scale", "model.features", "(0.5, 1.5)")
+    assert not list(tmp_path.iterdir())
+
+
+def test_eval_short_side_below_two_patches_is_refused_before_training(tmp_path):
+    config = tiny_config()
+    config.eval.davis, config.eval.short_side = str(DEMO_CLIP), 13
+    status, stderr = guarded_train(config, tmp_path / "run")
+    assert status == 1
+    assert_one_line(stderr, "flowfeat_jax.main", "eval.short_side", ">= 28", "13")
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.json").exists()
+
+
+# Class 9: a final validation that did not complete runs on the next invocation.
+def test_an_unfinished_final_validation_runs_on_the_next_invocation(tmp_path, monkeypatch):
+    config = tiny_config(num_steps=3)
+    config.eval.davis = str(DEMO_CLIP)
+    calls = []
+
+    def failing_validate(eval_cfg, graphdef, encoder_params, ema_params, out_dir):
+        calls.append(out_dir.name)
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir))
+
+    monkeypatch.setattr(loop, "validate", failing_validate)
+    status, stderr = guarded_train(config, tmp_path)
+    assert status == 1 and calls == ["step_3"]
+    assert_one_line(stderr, "flowfeat_jax.main", "step_3", "No space left")
+    monkeypatch.setattr(loop, "validate", lambda *args: calls.append(args[-1].name) or {"eval/knn/JF_mean": 0.5})
+    assert loop.train(config, tmp_path)["eval/knn/JF_mean"] == 0.5
+    assert calls == ["step_3", "step_3"]
+    loop.train(config, tmp_path)  # evaluated: not again
+    assert calls == ["step_3", "step_3"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 3] and rows[-1]["eval/knn/JF_mean"] == 0.5
+
+
+# Class 10: resume rules, config history, "resuming from step N".
+@pytest.mark.parametrize(
+    "key, value", [("train.batch_size", 4), ("train.lr", 3e-4), ("loss.flow", "l2"), ("ema.beta", 0.99),
+                   ("train.crop_scale", (0.4, 0.6)), ("data.frame_size", 168)],
+)
+def test_resume_with_a_changed_trajectory_setting_is_refused(disk_full_run, tmp_path, key, value):
+    workdir = copy_run(disk_full_run[0], tmp_path / "run")
+    before = file_hashes(workdir)
+    config = tiny_config(num_steps=6)
+    group, field = key.split(".")
+    old = config[group][field]
+    config[group][field] = value
+    status, stderr = guarded_train(config, workdir)
+    assert status == 1
+    line = assert_one_line(stderr, "flowfeat_jax.main", "resuming from step 3", key, "allow_changes")
+    assert f"{old!r} -> {value!r}".replace("(", "[").replace(")", "]") in line.replace("(", "[").replace(")", "]")
+    assert file_hashes(workdir) == before  # config.json included
+
+
+def test_resume_with_allowed_changes_keeps_the_config_history(disk_full_run, tmp_path, capsys):
+    workdir = copy_run(disk_full_run[0], tmp_path / "run")
+    old_config = (workdir / "config.json").read_text()
+    config = tiny_config(num_steps=6)
+    config.train.lr, config.train.allow_changes = 3e-4, True
+    loop.train(config, workdir)
+    assert "resuming from step 3" in capsys.readouterr().out
+    assert (workdir / "config.3.json").read_text() == old_config
+    assert json.loads((workdir / "config.json").read_text())["train"]["lr"] == 3e-4
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the rows of the failed run's steps 4-6 not repeated
+
+
+def test_resume_with_only_longer_training_is_allowed(disk_full_run, tmp_path, capsys):
+    workdir = copy_run(disk_full_run[0], tmp_path / "run")
+    config = tiny_config(num_steps=7)
+    config.train.log_every, config.data.num_workers = 7, 1  # logging and data workers do not change the trajectory
+    loop.train(config, workdir)
+    assert "resuming from step 3" in capsys.readouterr().out
+    assert not list(workdir.glob("config.*.json"))
+
+
+def test_a_second_training_on_one_workdir_is_refused(tmp_path):
+    tmp_path.joinpath("run").mkdir()
+    with loop.RunLock(tmp_path / "run"):
+        before = file_hashes(tmp_path / "run")
+        status, stderr = guarded_train(tiny_config(), tmp_path / "run")
+        assert file_hashes(tmp_path / "run") == before
+    assert status == 1
+    assert_one_line(stderr, "flowfeat_jax.main", str(tmp_path / "run" / "run.lock"), f"pid {os.getpid()}")
+
+
+# Classes 6 and 7: exports carry the architecture; the round trip keeps the model.
+@pytest.fixture(scope="module")
+def exported_run(disk_full_run, tmp_path_factory):
+    """The tiny run (width 32, 2 heads: not a released width) exported as .pth (+ .pth.json) and .safetensors."""
+    out = tmp_path_factory.mktemp("exports")
+    main = tool_main("export_torch")
+    assert main(["--checkpoint", str(disk_full_run[0]), "--out", str(out / "run.pth")]) == 0
+    assert main(["--checkpoint", str(disk_full_run[0]), "--out", str(out / "run.safetensors"), "--safetensors"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", ["run.pth", "run.safetensors"])
+def test_export_import_round_trip_keeps_heads_and_pos_interp(disk_full_run, exported_run, tmp_path, name):
+    from flowfeat_jax.inference import load_flowfeat
+    from flowfeat_jax.models import flowfeat as flowfeat_models
+    from flowfeat_jax.torch_ref.flowfeat import load_torch_flowfeat
+
+    assert load_torch_flowfeat(exported_run / name).cfg.encoder.num_heads == 2
+    assert tool_main("import_torch")(["--pth", str(exported_run / name), "--out", str(tmp_path / "run")]) == 0
+    original, _, _ = load_flowfeat(disk_full_run[0])
+    imported, config, _ = load_flowfeat(tmp_path / "run")
+    assert config.model.pos_interp == original.cfg.encoder.pos_interp == "hf"
+    assert imported.cfg.encoder == original.cfg.encoder
+    images = jax.random.uniform(jax.random.key(0), (1, 84, 112, 3))  # not the stored grid: resizing is exercised
+    for got, want in zip(flowfeat_models.forward(imported, images), flowfeat_models.forward(original, images)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("width, heads", [(128, 4), (96, 3)])
+def test_a_file_without_architecture_of_an_unreleased_width_needs_the_head_count(tmp_path, capsys, width, heads):
+    encoder = HubViTConfig(patch_size=16, hidden_size=width, num_layers=4, num_heads=heads, mlp_dim=64, pos_grid=4)
+    torch.manual_seed(0)
+    model = TorchFlowFeat(TorchFlowFeatConfig(encoder, (width,) * 4, 16, (0, 1, 2, 3)))  # DINO widths: the encoder's
+    torch.save(model.state_dict(), tmp_path / "x.pth")
+    main = tool_main("import_torch")
+    assert main(["--pth", str(tmp_path / "x.pth"), "--out", str(tmp_path / "run")]) == 1
+    assert_one_line(capsys.readouterr().err, "import_torch", str(tmp_path / "x.pth"), f"width {width}", "--num-heads")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pth"]
+    assert main(["--pth", str(tmp_path / "x.pth"), "--out", str(tmp_path / "run"), "--num-heads", str(heads)]) == 0
+    assert json.loads((tmp_path / "run" / "encoder" / "config.json").read_text())["num_attention_heads"] == heads
+
+
+def test_import_refuses_a_head_count_the_file_contradicts(exported_run, tmp_path, capsys):
+    argv = ["--pth", str(exported_run / "run.pth"), "--out", str(tmp_path / "run"), "--num-heads", "4"]
+    assert tool_main("import_torch")(argv) == 1
+    assert_one_line(capsys.readouterr().err, "import_torch", "run.pth", "num_heads 2", "4")
+    assert not (tmp_path / "run").exists()
+
+
+# Unclear failures that are now one line naming the file or key.
+@pytest.mark.parametrize("case", ["existing file", "existing folder", "pth with --safetensors", "safetensors name"])
+def test_export_torch_refuses_outputs_before_any_work(disk_full_run, tmp_path, capsys, case):
+    out = {"existing file": tmp_path / "x.pth", "existing folder": tmp_path / "folder",
+           "pth with --safetensors": tmp_path / "y.pth", "safetensors name": tmp_path / "z.safetensors"}[case]
+    if case == "existing file":
+        out.write_bytes(b"earlier export")
+    elif case == "existing folder":
+        out.mkdir()
+    extra = ["--safetensors"] if case == "pth with --safetensors" else []
+    before, listing = file_hashes(tmp_path), sorted(tmp_path.rglob("*"))
+    assert tool_main("export_torch")(["--checkpoint", str(disk_full_run[0]), "--out", str(out), *extra]) == 1
+    named = {"existing file": "--overwrite", "existing folder": "is a folder"}.get(case, "must end in")
+    assert_one_line(capsys.readouterr().err, "export_torch", str(out), named)
+    assert file_hashes(tmp_path) == before and sorted(tmp_path.rglob("*")) == listing
+
+
+def test_export_torch_overwrite_replaces_the_file(disk_full_run, tmp_path):
+    (tmp_path / "x.pth").write_bytes(b"earlier export")
+    argv = ["--checkpoint", str(disk_full_run[0]), "--out", str(tmp_path / "x.pth"), "--overwrite"]
+    assert tool_main("export_torch")(argv) == 0
+    assert (tmp_path / "x.pth").read_bytes() != b"earlier export" and (tmp_path / "x.pth.json").is_file()
+
+
+def test_import_torch_pickled_module(tmp_path, capsys):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
+    assert tool_main("import_torch")(["--pth", str(tmp_path / "module.pth"), "--out", str(tmp_path / "run")]) == 1
+    line = assert_one_line(capsys.readouterr().err, "import_torch", str(tmp_path / "module.pth"), "state_dict()")
+    assert "\x1b" not in line
+
+
+@pytest.mark.parametrize("case", ["syntax error", "no get_config"])
+def test_config_file_that_does_not_load(tmp_path, capsys, case):
+    path = tmp_path / "bad_config.py"
+    path.write_text("def get_config(:\n" if case == "syntax error" else "CONFIG = 1\n")
+    named = "line 1" if case == "syntax error" else "get_config()"
+    result = run_module("-m", "flowfeat_jax.main", "--config", str(path), f"--workdir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert_one_line(result.stderr, "flowfeat_jax.main", str(path), named)
+    argv = ["--pth", str(tmp_path / "none.pth"), "--out", str(tmp_path / "out"), "--config", str(path)]
+    assert tool_main("import_torch")(argv) == 1
+    assert_one_line(capsys.readouterr().err, "import_torch", str(path), named)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing folder", "broken config.json"])
+def test_encoder_that_cannot_be_read(tmp_path, case):
+    encoder = tmp_path / "encoder"
+    if case == "broken config.json":
+        encoder.mkdir()
+        (encoder / "config.json").write_text("{not json")
+    config = tiny_config()
+    config.model.encoder = str(encoder)
+    status, stderr = guarded_train(config, tmp_path / "run")
+    assert status == 1
+    named = str(encoder) if case == "missing folder" else str(encoder / "config.json")
+    assert_one_line(stderr, "flowfeat_jax.main", "model.encoder", named)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize("case", ["invalid json", "wrong counts", "garbage over a shard"])
+def test_damaged_export_is_named(exported, tmp_path, case):
+    damaged = tmp_path / "flow"
+    shutil.copytree(exported, damaged)
+    culprit = damaged / "manifest.json"
+    if case == "invalid json":
+        culprit.write_text(culprit.read_text()[:-20])
+    elif case == "wrong counts":
+        manifest = json.loads(culprit.read_text())
+        manifest["num_pairs"] += 4
+        culprit.write_text(json.dumps(manifest))
+    else:
+        culprit = min(damaged.glob("flows-*.array_record"))
+        data = bytearray(culprit.read_bytes())
+        data[100:] = np.random.default_rng(0).integers(0, 256, len(data) - 100, dtype=np.uint8).tobytes()
+        culprit.write_bytes(bytes(data))
+    before = file_hashes(damaged)
+    status, stderr = guarded_train(records_config(damaged), tmp_path / "run")
+    assert status == 1
+    named = {"invalid json": "not valid JSON", "wrong counts": "num_pairs"}.get(case, "damaged")
+    assert_one_line(stderr, "flowfeat_jax.main", str(culprit), named)
+    assert file_hashes(damaged) == before and not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--frame-size", "0"], ["frame_size", ">= 1"]),
+        (["--min-frames", "40"], ["no usable videos", "min_frames=40", "clip"]),  # every video too short: exit 1
+    ],
+)
+def test_export_flow_bad_sizes_and_nothing_usable(videos, tmp_path, capsys, args, named):
+    argv = ["--videos", str(videos), "--out", str(tmp_path / "flow"), *EXPORT_ARGS, *args]
+    assert tool_main("export_flow")(argv) == 1
+    assert_one_line(capsys.readouterr().err, "export_flow", *named)
+    assert not (tmp_path / "flow").exists()
+
+
+def test_evaluate_flags_are_checked_before_any_work(disk_full_run, tmp_path):
+    result = run_module(
+        "-m", "flowfeat_jax.evaluate", f"--workdir={disk_full_run[0]}", f"--davis={DEMO_CLIP}", "--split=demo",
+        f"--out={tmp_path / 'eval'}", "--short_side=13", "--max_frames=1", "--protocols=knn,bogus",
+    )
+    assert result.returncode == 1
+    assert_one_line(result.stderr, "flowfeat_jax.evaluate", "--short_side", ">= 28", "--max_frames", "--protocols")
+    assert not (tmp_path / "eval").exists()
+
+
+# A real full disk: a 2.5 MB tmpfs holds checkpoint 3 (about 1.6 MB) but not checkpoint 6.
+@pytest.mark.slow
+def test_real_full_disk_is_one_line_and_resumes_without_duplicate_rows(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2560k", "tmpfs", str(disk)], capture_output=True,
+                             check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or 'not permitted'})")
+    try:
+        tiny = [f"--config.{k}={v}" for k, v in (
+            ("model.encoder_size.hidden_size", 32), ("model.encoder_size.num_layers", 4),
+            ("model.encoder_size.num_heads", 2), ("model.encoder_size.mlp_dim", 64), ("model.features", 16),
+            ("data.source", "synthetic"), ("data.frame_size", 112), ("data.flow_size", 56),
+            ("train.input_size", 56), ("train.batch_size", 2), ("train.num_steps", 6), ("train.log_every", 1),
+            ("train.checkpoint_every", 3), ("eval.davis", ""))]
+        command = ["-m", "flowfeat_jax.main", "--config", "configs/demo.py", f"--workdir={disk / 'run'}", *tiny]
+        result = run_module(*command)
+        assert result.returncode == 1
+        assert_one_line(result.stderr, "flowfeat_jax.main", "cannot write", str(disk / "run" / "checkpoints"),
+                        "No space left")
+        assert "Event loop is closed" not in result.stderr
+        kept = file_hashes(disk / "run" / "checkpoints" / "3")
+        moved = shutil.copytree(disk / "run", tmp_path / "run", ignore=shutil.ignore_patterns("*orbax-checkpoint-tmp*"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    assert file_hashes(moved / "checkpoints" / "3") == kept
+    result = run_module(*command[:4], f"--workdir={moved}", *tiny)  # after "freeing space": resumes at 3
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from step 3" in result.stdout
+    rows = [json.loads(line) for line in (moved / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]

@@ -150,7 +150,8 @@ def test_other_parameters_are_refused_unless_overwrite(davis_clips, tmp_path):
     export.export_flows(davis_clips, out, CFG, progress=False)
     other = export.ExportConfig(**{**CFG.__dict__, "jpeg_quality": 80})
     before = _raw_records(out)
-    with pytest.raises(ValueError, match=r"\.json was exported with other parameters \(differing: jpeg_quality\)"):
+    differing = r"\(differing: jpeg_quality 95 \(now 80\)\)"
+    with pytest.raises(ValueError, match=r"\.json was exported with other parameters " + differing):
         export.export_flows(davis_clips, out, other, progress=False)
     assert _raw_records(out) == before  # nothing lost
     manifest = export.export_flows(davis_clips, out, other, overwrite=True, progress=False)

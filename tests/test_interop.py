@@ -199,7 +199,8 @@ def test_released_file_imports_and_exports_back(tmp_path, capsys):
     """.pth in the reference layout -> import_torch -> JAX outputs equal torch's; export_torch gives the file back."""
     reference = _random_torch_flowfeat(_HUB_DINOV2_REG)
     torch.save(reference.state_dict(), tmp_path / "released.pth")
-    assert _tool_main("import_torch")(["--pth", str(tmp_path / "released.pth"), "--out", str(tmp_path / "run")]) == 0
+    argv = ["--pth", str(tmp_path / "released.pth"), "--out", str(tmp_path / "run"), "--num-heads", "1"]  # width 64
+    assert _tool_main("import_torch")(argv) == 0
     model, config, step = load_flowfeat(tmp_path / "run")
     assert step == 0 and config.model.encoder == str(tmp_path / "run" / "encoder") and config.model.pos_interp == "hub"
     _assert_same_outputs(model, reference)
@@ -270,7 +271,8 @@ def test_bad_file_is_refused_and_nothing_written(tmp_path, capsys, missing, extr
     named = missing or extra or shaped
     torch.save(state, tmp_path / "bad.pth")
     out = tmp_path / "run"
-    assert _tool_main("import_torch")(["--pth", str(tmp_path / "bad.pth"), "--out", str(out)]) == 1
+    argv = ["--pth", str(tmp_path / "bad.pth"), "--out", str(out), "--num-heads", "1"]  # width 64: not a released one
+    assert _tool_main("import_torch")(argv) == 1
     error = capsys.readouterr().err
     assert named in error and len(error.strip().splitlines()) == 1
     assert error.count(" has shape ") <= 1 and error.count("key ") <= 1  # only the broken tensor is named
@@ -303,7 +305,7 @@ def _hub_tokens(vit: HubViT, pixels: torch.Tensor) -> torch.Tensor:
 def test_encoder_directory_is_exact_hf_checkpoint(tmp_path, hub, sincos, hf_class, family):
     reference = _random_torch_flowfeat(hub, sincos=sincos)
     state = {k: v.numpy() for k, v in reference.state_dict().items()}
-    cfg = ports.infer_flowfeat_config(state)  # heads = 64 / 64, family from the keys / the sin-cos table
+    cfg = ports.infer_flowfeat_config(state, num_heads=hub.num_heads)  # family from the keys / the sin-cos table
     assert cfg.encoder.family == family
     ports.write_hf_encoder(tmp_path / "encoder", {k: v for k, v in state.items() if k.startswith("encoder.")},
                            cfg.encoder)

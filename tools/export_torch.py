@@ -5,7 +5,10 @@
 Keys: `encoder.*` in torch-hub DINO/DINOv2/MAE names, `decoder.*` in reference DecodeDPT names; the reference
 `FlowFeat(cfg).load_state_dict(sd, strict=True)` accepts it, and so does flowfeat_jax.torch_ref.flowfeat
 (`load_torch_flowfeat(path)`, torch only). The online decoder is exported by default, as the reference releases it
-(recipe.md step 12: its checkpoints hold no EMA decoder); `--decoder ema` exports the EMA teacher instead.
+(recipe.md step 12: its checkpoints hold no EMA decoder); `--decoder ema` exports the EMA teacher instead. The
+architecture (head count, family, pos_interp, decoder sizes) goes into the safetensors metadata, or beside a .pth as
+`<out>.json`, so tools/import_torch.py and load_torch_flowfeat rebuild the same model. An existing --out is kept
+unless --overwrite.
 """
 
 import argparse
@@ -20,6 +23,7 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="output file (.pth, or .safetensors with --safetensors)")
     parser.add_argument("--safetensors", action="store_true", help="write safetensors instead of torch.save")
     parser.add_argument("--decoder", choices=("online", "ema"), default="online", help="decoder (default: online)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
     return parser.parse_args(argv)
 
@@ -31,7 +35,7 @@ def main(argv=None) -> int:
 
     def run() -> None:
         state, notes = export_flowfeat(args.checkpoint, args.out, decoder=args.decoder,
-                                       use_safetensors=args.safetensors)
+                                       use_safetensors=args.safetensors, overwrite=args.overwrite)
         size = sum(v.size for v in state.values())
         print(f"wrote {args.out}: {len(state)} tensors, {size / 1e6:.1f}M parameters ({args.decoder} decoder)")
         for note in notes:

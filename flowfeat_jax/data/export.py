@@ -106,7 +106,29 @@ def _export_params(cfg: ExportConfig, checkpoint_sha256: str | None, video_list:
     }
 
 
+# Fields of an export's `params` that a run may ask for, with the ExportConfig field holding the requested value.
+REQUESTABLE_PARAMS = ("method", "gap", "frame_size", "flow_size", "jpeg_quality")
+
+
+def export_mismatches(
+    manifest: dict, cfg: ExportConfig, *, videos_spec: str | None = None, checkpoint_sha256: str | None = None
+) -> list[tuple[str, object, object]]:
+    """(field, value in the export, requested value) for every setting of `cfg` an existing export disagrees with;
+    `videos_spec` and `checkpoint_sha256` are compared where given (the videos by absolute path)."""
+    params = manifest.get("params", {})
+    found = [(k, params.get(k), getattr(cfg, k)) for k in REQUESTABLE_PARAMS if params.get(k) != getattr(cfg, k)]
+    if checkpoint_sha256 is not None and params.get("checkpoint_sha256") != checkpoint_sha256:
+        found.append(("checkpoint", manifest.get("checkpoint"), cfg.checkpoint))
+    exported = manifest.get("videos")
+    if videos_spec and exported and os.path.abspath(exported) != os.path.abspath(videos_spec):
+        found.append(("videos", exported, videos_spec))
+    return found
+
+
 def _check_config(cfg: ExportConfig) -> None:
+    for name in ("frame_size", "flow_size", "batch_size", "videos_per_shard", "num_shards"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if not 0 <= cfg.shard_index < cfg.num_shards:
         raise ValueError(f"shard_index {cfg.shard_index} not in [0, num_shards={cfg.num_shards})")
     if cfg.gap < 1 or cfg.min_frames < 2 * cfg.gap + 1:
@@ -138,10 +160,11 @@ def _prepare_out_dir(out_dir: pathlib.Path, params: dict, cfg: ExportConfig, ove
     stale = []
     for path in _export_files(out_dir):
         if path.suffix == ".json":
-            existing = json.loads(path.read_text())
+            existing = records.read_json(path)
             if existing.get("params") != params:
                 if not overwrite:
-                    diff = sorted(k for k in params if existing.get("params", {}).get(k) != params[k])
+                    old = existing.get("params", {})
+                    diff = [f"{k} {old.get(k)!r} (now {v!r})" for k, v in sorted(params.items()) if old.get(k) != v]
                     raise ValueError(
                         f"{path} was exported with other parameters (differing: {', '.join(diff)}); "
                         "use another output directory or --overwrite"
@@ -244,11 +267,17 @@ def _complete_shard(out_dir: pathlib.Path, tag: str, params: dict) -> dict | Non
     path = out_dir / f"shard-{tag}.json"
     if not path.is_file():
         return None
-    shard = json.loads(path.read_text())
+    shard = records.read_json(path)
     for name, size in ((shard["frames_file"], shard["frames_bytes"]), (shard["flows_file"], shard["flows_bytes"])):
         if not (out_dir / name).is_file() or (out_dir / name).stat().st_size != size:
             return None
     return shard if shard["params"] == params else None
+
+
+def _no_usable_videos(videos_spec, skipped, min_frames: int) -> str:
+    names = ", ".join(list(skipped)[:5]) + (", ..." if len(skipped) > 5 else "")
+    return (f"no usable videos under {os.fspath(videos_spec)}: all {len(skipped)} have fewer than min_frames="
+            f"{min_frames} frames ({names})")
 
 
 def export_flows(
@@ -275,6 +304,8 @@ def export_flows(
     _check_config(cfg)
     out_dir = pathlib.Path(out_dir)
     video_list = videos.list_videos(videos_spec, split=split, min_frames=cfg.min_frames)
+    if not video_list.videos:
+        raise ValueError(_no_usable_videos(videos_spec, video_list.skipped, cfg.min_frames))
     checkpoint_sha256 = records.file_sha256(cfg.checkpoint) if cfg.checkpoint else None
     params = _export_params(cfg, checkpoint_sha256, video_list)
     _prepare_out_dir(out_dir, params, cfg, overwrite)
@@ -296,6 +327,8 @@ def export_flows(
 
     skipped = [n for i, n in enumerate(video_list.skipped) if i % cfg.num_shards == cfg.shard_index]
     skipped += [n for s in shards for n in s["skipped"]]
+    if mine and not any(s["num_videos"] for s in shards):  # every video decoded shorter than its header said
+        raise ValueError(_no_usable_videos(videos_spec, skipped, cfg.min_frames))
     manifest = {
         "method": cfg.method,
         "checkpoint": cfg.checkpoint,

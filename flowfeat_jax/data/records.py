@@ -108,6 +108,47 @@ def write_json_atomic(path: pathlib.Path, content: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: pathlib.Path) -> dict:
+    """A manifest or shard json; ValueError naming the file when it is not a JSON object."""
+    try:
+        content = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete the export and export again") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
+
+
+def check_manifest(path: pathlib.Path, manifest: dict) -> None:
+    """The keys readers use are present and the totals equal the sums over the shards (a hand-edited or mixed-up
+    manifest would otherwise index the wrong records)."""
+    needed = ("params", "shards", "num_videos", "num_frames", "num_pairs", "num_skipped", "nonfinite_pairs")
+    missing = [k for k in needed if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks {', '.join(missing)}")
+    for total, part in (("num_videos", "num_videos"), ("num_frames", "num_frames"), ("num_pairs", "num_pairs")):
+        summed = sum(int(shard.get(part, -1)) for shard in manifest["shards"])
+        if summed != manifest[total]:
+            raise ValueError(f"{path}: {total} is {manifest[total]} but its shards hold {summed}")
+    for shard in manifest["shards"]:
+        videos = shard.get("videos", [])
+        if len(videos) != shard.get("num_videos") or sum(v.get("num_frames", 0) for v in videos) != shard.get(
+            "num_frames"
+        ):
+            raise ValueError(f"{path}: shard {shard.get('tag')} lists {len(videos)} videos with other counts than "
+                             f"its num_videos / num_frames")
+        pairs = sum(num_pairs(v["num_frames"], int(manifest["params"]["gap"])) for v in videos)
+        if pairs != shard.get("num_pairs"):
+            raise ValueError(f"{path}: shard {shard.get('tag')} says {shard.get('num_pairs')} pairs, its videos make "
+                             f"{pairs} at gap {manifest['params']['gap']}")
+
+
+def _read_manifest(path: pathlib.Path) -> dict:
+    manifest = read_json(path)
+    check_manifest(path, manifest)
+    return manifest
+
+
 def load_manifests(export_dir: str | os.PathLike) -> list[dict]:
     """The manifest of ``export_dir``: ``manifest.json``, or all parts ``manifest-I-of-N.json`` (every I present,
     one parameter set). Raises FileNotFoundError / ValueError naming what is missing or inconsistent."""
@@ -115,7 +156,7 @@ def load_manifests(export_dir: str | os.PathLike) -> list[dict]:
     if not root.is_dir():
         raise FileNotFoundError(f"flow export directory not found: {root}")
     if (root / "manifest.json").is_file():
-        return [json.loads((root / "manifest.json").read_text())]
+        return [_read_manifest(root / "manifest.json")]
     parts = {}
     for path in root.iterdir():
         match = _MANIFEST_PART.match(path.name)
@@ -129,7 +170,7 @@ def load_manifests(export_dir: str | os.PathLike) -> list[dict]:
     missing = [manifest_name(i, count) for i in range(count) if i not in found]
     if missing:
         raise FileNotFoundError(f"{root} lacks manifest parts {missing} (workers not finished?)")
-    manifests = [json.loads(found[i].read_text()) for i in range(count)]
+    manifests = [_read_manifest(found[i]) for i in range(count)]
     for i, manifest in enumerate(manifests[1:], 1):
         if manifest["params"] != manifests[0]["params"]:
             raise ValueError(f"{found[i]} was exported with other parameters than {found[0]}")
@@ -175,13 +216,27 @@ class FlowRecords:
         return len(self.names)
 
 
-def _check_shard_file(root: pathlib.Path, name: str, size: int) -> str:
+def _check_shard_file(root: pathlib.Path, name: str, size: int, count: int) -> str:
+    """The path of a shard file that exists, has the manifest's size, opens as ArrayRecord (its footer and index read,
+    not its records) and holds the manifest's record count; else one error naming it."""
+    from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
+
     path = root / name
     if not path.is_file():
         raise FileNotFoundError(f"shard file {path} listed in the manifest is missing")
     actual = path.stat().st_size
     if actual != size:
         raise ValueError(f"shard file {path} is {actual} bytes, the manifest says {size}: truncated or overwritten")
+    try:
+        reader = ArrayRecordReader(str(path))
+        try:
+            found = reader.num_records()
+        finally:
+            reader.close()
+    except (RuntimeError, OSError, ValueError) as e:  # riegeli reports damaged bytes as RuntimeError
+        raise ValueError(f"shard file {path} is damaged ({' '.join(str(e).split())[:200]}); export it again") from None
+    if found != count:
+        raise ValueError(f"shard file {path} holds {found} records, the manifest says {count}")
     return str(path)
 
 
@@ -194,8 +249,8 @@ def open_flow_records(export_dir: str | os.PathLike) -> FlowRecords:
     frames_so_far = pairs_so_far = 0
     for manifest in manifests:
         for shard in manifest["shards"]:
-            frame_files.append(_check_shard_file(root, shard["frames_file"], shard["frames_bytes"]))
-            flow_files.append(_check_shard_file(root, shard["flows_file"], shard["flows_bytes"]))
+            frame_files.append(_check_shard_file(root, shard["frames_file"], shard["frames_bytes"], shard["num_frames"]))
+            flow_files.append(_check_shard_file(root, shard["flows_file"], shard["flows_bytes"], shard["num_pairs"]))
             for video in shard["videos"]:
                 ids.append(video["video"])
                 names.append(video["name"])

@@ -1,7 +1,7 @@
 """Video ingestion: find the videos under a path and decode their frames.
 
-A video is either a folder of frames (``.jpg``/``.jpeg``/``.png``, sorted by file name) or a video file
-(``.mp4``/``.webm``/``.avi``/``.mkv``/``.mov``, decoded with PyAV). ``list_videos`` accepts
+A video is either a folder of frames (``.jpg``/``.jpeg``/``.png`` in natural order: ``2.jpg`` before ``10.jpg``) or a
+video file (``.mp4``/``.webm``/``.avi``/``.mkv``/``.mov``, decoded with PyAV). ``list_videos`` accepts
 
 - one video (a frame folder or a video file);
 - a folder of videos (frame folders or video files) one level down, or two where the first level holds only
@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import os
 import pathlib
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -58,8 +59,33 @@ class VideoList:
     skipped: tuple[str, ...]
 
 
+def natural_key(name: str) -> tuple:
+    """Sort key that orders the numbers inside a name by value: 1.jpg, 2.jpg, ..., 10.jpg (and zero-padded names
+    as before); text runs compare case-sensitively, as plain sorting does."""
+    return tuple((1, int(part), part) if part.isdigit() else (0, 0, part) for part in re.split(r"(\d+)", name))
+
+
+def frame_files(folder: pathlib.Path, suffixes: tuple[str, ...] = FRAME_SUFFIXES) -> list[pathlib.Path]:
+    """The frame files (`suffixes`, any case) of a folder in natural order (`natural_key`), the one reader of a frame
+    folder (export, DAVIS, extraction). A folder holding frames must hold nothing else that could be one: a
+    subfolder, or an entry with a frame suffix that is not a readable file (broken link, no permission), would
+    silently shift every t +- k pair after it, so it is refused, naming it."""
+    entries = sorted(folder.iterdir(), key=lambda p: natural_key(p.name))
+    frames = [p for p in entries if p.suffix.lower() in suffixes and p.is_file() and os.access(p, os.R_OK)]
+    if frames:
+        odd = [p for p in entries if p.is_dir() or (p.suffix.lower() in suffixes and p not in frames)]
+        if odd:
+            what = "a folder" if odd[0].is_dir() else "an unreadable entry (broken link or no read permission)"
+            raise ValueError(f"{odd[0]} is {what} among the frames of {folder}; move it out (frames must be files)")
+    return frames
+
+
 def _frame_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
+    """Frame files of a candidate video folder; [] for a folder of videos (Kinetics class folders and the like)."""
+    entries = list(folder.iterdir())
+    if not any(p.suffix.lower() in FRAME_SUFFIXES and not p.is_dir() for p in entries):
+        return []
+    return frame_files(folder)
 
 
 def _is_video_file(path: pathlib.Path) -> bool:
@@ -210,23 +236,32 @@ def list_videos(spec: str | os.PathLike, split: str | None = None, min_frames: i
     return VideoList(videos=kept, skipped=skipped)
 
 
-def image_to_rgb8(image: Image.Image) -> np.ndarray:
-    """uint8 RGB (H, W, 3) of a decoded image. 16-bit greyscale (PIL mode I;16*) is scaled by its bit depth
-    (65535 -> 255; PIL's convert("RGB") would clip everything above 255 to white); 32-bit modes are refused."""
-    if image.mode.startswith("I;16"):
-        grey = np.round(np.asarray(image, np.float32) / 257.0).astype(np.uint8)
+# PIL modes of 16-bit samples; convert("RGB") clips them at 255 instead of scaling.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def image_to_rgb(image: Image.Image, path: str | os.PathLike) -> np.ndarray:
+    """An opened image as uint8 RGB (H, W, 3), by its real bit depth: 16-bit greyscale (PNG, TIFF) is scaled by
+    255 / 65535; 32-bit integer or float images have no fixed range and are refused (ValueError naming `path`)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        samples = np.asarray(image).astype(np.uint32)
+        grey = ((samples * 255 + 32767) // 65535).astype(np.uint8)  # rounded to the nearest 8-bit level
         return np.repeat(grey[..., None], 3, axis=-1)
     if image.mode in ("I", "F"):
-        raise ValueError(f"32-bit ({image.mode}) images are not supported; save frames as 8- or 16-bit")
+        raise ValueError(f"{path}: {'32-bit integer' if image.mode == 'I' else 'floating-point'} image (mode "
+                         f"{image.mode}) has no fixed value range; save frames as 8- or 16-bit PNG or JPEG")
     return np.asarray(image.convert("RGB"))
 
 
-def _decode_image(path: pathlib.Path) -> np.ndarray:
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """One image file as uint8 RGB (H, W, 3) (`image_to_rgb`); ValueError naming the file when it cannot be decoded."""
     try:
-        with Image.open(path) as image:
-            return image_to_rgb8(image)
+        image = Image.open(path)
+        image.load()
     except (OSError, SyntaxError, ValueError) as e:  # PIL reports truncated / corrupt files as OSError or SyntaxError
         raise ValueError(f"cannot decode image {path}: {e}") from e
+    with image:
+        return image_to_rgb(image, path)
 
 
 def iter_frames(video: Video) -> Iterator[np.ndarray]:
@@ -256,7 +291,7 @@ def iter_frames(video: Video) -> Iterator[np.ndarray]:
             container.close()
         return
     for path in video.frames:
-        array = _decode_image(path)
+        array = read_rgb(path)
         first_shape = first_shape or array.shape
         if array.shape != first_shape:
             raise ValueError(

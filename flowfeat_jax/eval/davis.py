@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from flowfeat_jax.data import videos
+
 VOID_LABEL = 255
 
 
@@ -66,7 +68,7 @@ def list_sequences(root: str | pathlib.Path, split: str = "val") -> list[str]:
 def _sorted_files(folder: pathlib.Path, suffix: str) -> list[pathlib.Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"folder not found: {folder}")
-    files = sorted(path for path in folder.iterdir() if path.suffix == suffix)
+    files = videos.frame_files(folder, (suffix,))  # natural order; a folder or unreadable entry among them is refused
     if not files:
         raise FileNotFoundError(f"no {suffix} files in {folder}")
     return files

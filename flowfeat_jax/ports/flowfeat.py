@@ -8,9 +8,14 @@ One table per direction pair: `hub_key_table` (hub name <-> NNX path <-> HF on-d
 `ports.vit.hf_key_table`) and `ports.dpt.DPT_KEY_TABLE`. Import reads them forwards (hub -> HF directory for the
 encoder, reference -> NNX for the decoder), export backwards (NNX -> hub / reference names).
 
+Export writes the architecture beside the tensors (`torch_ref.flowfeat.architecture_dict`: safetensors metadata, or
+`<file>.pth.json`), including the head count, the family and pos_interp, so an import rebuilds the same model; files
+without it (released reference checkpoints) are read from their shapes, refusing what the shapes leave open.
+
 Import writes a run directory that `main` (fine-tuning), `inference.load_flowfeat`, evaluation and
 tools/extract_features.py read: config.json, checkpoints/0/{state,meta} and encoder/ (an HF-format copy of the
-encoder: config.json + model.safetensors), with config.model.encoder = that directory and pos_interp = 'hub'.
+encoder: config.json + model.safetensors), with config.model.encoder = that directory and pos_interp = the file's
+('hub' for a released file).
 """
 
 from __future__ import annotations
@@ -144,19 +149,46 @@ def _stored_mask_token(encoder: str) -> np.ndarray | None:
         return f.get_tensor(_MASK_TOKEN_HF) if _MASK_TOKEN_HF in f.keys() else None
 
 
+def export_architecture(cfg: FlowFeatConfig) -> dict:
+    """The architecture record of an export (`torch_ref.flowfeat.architecture_dict`) for a JAX FlowFeat config."""
+    enc = cfg.encoder
+    hub = HubViTConfig(patch_size=enc.patch_size, hidden_size=enc.hidden_size, num_layers=enc.num_layers,
+                       num_heads=enc.num_heads, mlp_dim=enc.mlp_dim, num_registers=enc.num_registers,
+                       layer_scale=enc.layer_scale, swiglu=enc.swiglu, qkv_bias=enc.qkv_bias,
+                       mask_token=_has_mask_token(enc), pos_grid=enc.pos_grid, pos_antialias=enc.pos_antialias,
+                       layer_norm_eps=enc.layer_norm_eps)
+    torch_cfg = torch_flowfeat.TorchFlowFeatConfig(hub, tuple(cfg.decoder.widths), cfg.decoder.features, cfg.hooks)
+    return torch_flowfeat.architecture_dict(torch_cfg, family=enc.family, pos_interp=enc.pos_interp)
+
+
+def check_export_path(out: pathlib.Path, use_safetensors: bool, overwrite: bool) -> None:
+    """Refuses, before any work, an output that is a folder, an existing file (unless `overwrite`), in a missing
+    folder, or whose suffix contradicts the format (a .pth written as safetensors, or the reverse)."""
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a folder; give the output file, e.g. {out / 'flowfeat.pth'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    if not out.absolute().parent.is_dir():
+        raise FileNotFoundError(f"output folder of {out} does not exist")
+    if use_safetensors != (out.suffix == ".safetensors"):
+        wanted = ".safetensors (with --safetensors)" if use_safetensors else ".pth (or --safetensors for .safetensors)"
+        raise ValueError(f"{out}: the file name must end in {wanted}")
+
+
 def export_flowfeat(checkpoint: str | pathlib.Path, out: str | pathlib.Path, *, decoder: str = "online",
-                    use_safetensors: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Writes the reference state dict of a run directory / checkpoint to `out` (.pth, or .safetensors).
+                    use_safetensors: bool = False, overwrite: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Writes the reference state dict of a run directory / checkpoint to `out` (.pth, or .safetensors), with its
+    architecture (safetensors metadata, or `<out>.json` beside a .pth; `torch_ref.flowfeat.read_architecture`).
 
     Returns the state dict and notes on where torch outputs will differ (position resizing, LayerNorm eps).
     """
     from flowfeat_jax.inference import load_flowfeat
 
     out = pathlib.Path(out)
-    if not out.absolute().parent.is_dir():
-        raise FileNotFoundError(f"output folder of {out} does not exist")
+    check_export_path(out, use_safetensors, overwrite)
     model, config, _ = load_flowfeat(checkpoint, decoder=decoder)
     state = flowfeat_state_dict(model, _stored_mask_token(config.model.encoder))
+    architecture = json.dumps(export_architecture(model.cfg))
     enc = model.cfg.encoder
     notes = []
     if enc.pos_interp != "hub":
@@ -174,16 +206,21 @@ def export_flowfeat(checkpoint: str | pathlib.Path, out: str | pathlib.Path, *, 
 
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}  # writable copies
     tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: never a half-written `out`
+    sidecar = torch_flowfeat.architecture_path(out)
+    sidecar_tmp = sidecar.with_name(f".{sidecar.name}.tmp")
     try:
         if use_safetensors:
             from safetensors.torch import save_file
 
-            save_file(tensors, tmp)
+            save_file(tensors, tmp, metadata={"format": "pt", torch_flowfeat.ARCHITECTURE_KEY: architecture})
         else:
             torch.save(tensors, tmp)
+            sidecar_tmp.write_text(architecture + "\n")
+            os.replace(sidecar_tmp, sidecar)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        sidecar_tmp.unlink(missing_ok=True)
     return state, notes
 
 
@@ -203,9 +240,14 @@ def read_reference_file(path: str | pathlib.Path) -> dict[str, np.ndarray]:
         return {k: v.astype(np.float32) for k, v in load_file(path).items()}
     import torch
 
+    import pickle
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # not a torch file, or one holding arbitrary objects
+    except pickle.UnpicklingError:  # torch's own text for it is many lines with terminal colour codes
+        raise ValueError(f"{path}: holds pickled Python objects (a whole nn.Module?), not a state dict of tensors; "
+                         "save model.state_dict() instead") from None
+    except Exception as error:  # not a torch file
         raise ValueError(f"{path}: cannot read as a torch state dict ({type(error).__name__}: {error})") from None
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
@@ -250,20 +292,31 @@ def _is_mae_table(pos_embed: np.ndarray) -> bool:
     return bool(np.abs(pos_embed - mae_sincos_pos_embed(dim, side)).max() < _SINCOS_TOLERANCE)
 
 
-def vit_config_from_hub(hub: HubViTConfig, family: str) -> ViTConfig:
-    """The JAX encoder config of a hub ViT, with hub position resizing."""
+def vit_config_from_hub(hub: HubViTConfig, family: str, pos_interp: str = "hub") -> ViTConfig:
+    """The JAX encoder config of a hub ViT (hub position resizing unless the file recorded another mode)."""
     return ViTConfig(family=family, patch_size=hub.patch_size, hidden_size=hub.hidden_size, num_layers=hub.num_layers,
                      num_heads=hub.num_heads, mlp_dim=hub.mlp_dim, num_registers=hub.num_registers,
                      layer_scale=hub.layer_scale, swiglu=hub.swiglu, qkv_bias=hub.qkv_bias,
-                     layer_norm_eps=hub.layer_norm_eps, pos_grid=hub.pos_grid, pos_interp="hub",
+                     layer_norm_eps=hub.layer_norm_eps, pos_grid=hub.pos_grid, pos_interp=pos_interp,
                      pos_antialias=hub.pos_antialias)
 
 
 def infer_flowfeat_config(state: Mapping[str, np.ndarray], *, family: str | None = None,
-                          num_heads: int | None = None) -> FlowFeatConfig:
-    """FlowFeatConfig of a reference state dict from its shapes (torch_ref.flowfeat.infer_config) plus the family:
-    DINOv2 by its mask token / layer scale, MAE by its sin-cos position table, else DINO; `family` decides between
-    DINO and MAE when given (and must agree with DINOv2-ness)."""
+                          num_heads: int | None = None, architecture: Mapping | None = None) -> FlowFeatConfig:
+    """FlowFeatConfig of a reference state dict: the `architecture` its file carries (exports of this project; a
+    given `family` / `num_heads` must agree with it), else from its shapes (torch_ref.flowfeat.infer_config) plus
+    the family: DINOv2 by its mask token / layer scale, MAE by its sin-cos position table, else DINO; `family`
+    decides between DINO and MAE when given (and must agree with DINOv2-ness)."""
+    if architecture is not None:
+        recorded = torch_flowfeat.config_from_architecture(architecture, "the file's architecture")
+        given = {"family": (family, architecture["family"]), "num_heads": (num_heads, recorded.encoder.num_heads)}
+        for name, (value, stored) in given.items():
+            if value is not None and value != stored:
+                raise ValueError(f"the file records {name} {stored!r}, but {value!r} was given")
+        vit_cfg = vit_config_from_hub(recorded.encoder, architecture["family"], architecture["pos_interp"])
+        decoder = DPTConfig(vit_dim=vit_cfg.hidden_size, widths=recorded.widths, features=recorded.features,
+                            patch_size=vit_cfg.patch_size)
+        return FlowFeatConfig(encoder=vit_cfg, decoder=decoder, hooks=recorded.hooks)
     inferred = torch_flowfeat.infer_config({k: v.shape for k, v in state.items()}, num_heads)
     hub = inferred.encoder
     is_dinov2 = hub.mask_token or hub.layer_scale
@@ -358,7 +411,7 @@ def _config_for_import(config: ml_collections.ConfigDict | None, cfg: FlowFeatCo
                              + ", ".join(differ))
     config.model.features = cfg.decoder.features
     config.model.hooks = ()
-    config.model.pos_interp = "hub"
+    config.model.pos_interp = enc.pos_interp
     return config
 
 
@@ -371,29 +424,35 @@ def _make_readable(root: pathlib.Path) -> None:
 
 
 def import_flowfeat(pth: str | pathlib.Path, out_dir: str | pathlib.Path,
-                    config: ml_collections.ConfigDict | None = None) -> pathlib.Path:
-    """Converts a released FlowFeat file into a run directory `out_dir` (must not exist); returns its absolute path.
+                    config: ml_collections.ConfigDict | None = None, *, num_heads: int | None = None,
+                    family: str | None = None) -> pathlib.Path:
+    """Converts a FlowFeat file into a run directory `out_dir` (must not exist); returns its absolute path.
 
-    `config` (an experiment config, e.g. configs/<name>.py) supplies the training settings for fine-tuning, the head
-    count and the DINO/MAE choice; without it the base config is used, heads = width / 64 and the family is read
-    from the weights. Raises ValueError naming every missing, unexpected or mis-shaped key; nothing is written then.
+    The architecture comes from the file when it carries one (exports of this project), else from its shapes:
+    `num_heads` (or the config's) is needed for widths other than the released ones, and `family` (or the config's)
+    decides DINO vs MAE where the weights do not. `config` (an experiment config, e.g. configs/<name>.py) supplies
+    the training settings for fine-tuning; without it the base config is used. Raises ValueError naming every
+    missing, unexpected or mis-shaped key; nothing is written then.
     """
     from flowfeat_jax.train import checkpoint as ckpt_lib
     from flowfeat_jax.train import loop
 
     pth, out_dir = pathlib.Path(pth), pathlib.Path(out_dir).absolute()
+    if num_heads is not None and num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
     if not out_dir.parent.is_dir():
         raise FileNotFoundError(f"output folder {out_dir.parent} does not exist")
     state = read_reference_file(pth)
+    architecture = torch_flowfeat.read_architecture(pth)
     encoder_state, decoder_state, ema_state = split_reference_state_dict(state)
-    family = num_heads = None
-    if config is not None:
+    if config is not None and architecture is None:
         named = loop.encoder_config(config.model)
-        family, num_heads = named.family, named.num_heads
+        family, num_heads = family or named.family, num_heads or named.num_heads
     try:
-        cfg = infer_flowfeat_config({**encoder_state, **decoder_state}, family=family, num_heads=num_heads)
+        cfg = infer_flowfeat_config({**encoder_state, **decoder_state}, family=family, num_heads=num_heads,
+                                    architecture=architecture)
     except ValueError as error:
         raise ValueError(f"{pth}: {error}") from None
     expected = reference_shapes(cfg)
@@ -409,7 +468,7 @@ def import_flowfeat(pth: str | pathlib.Path, out_dir: str | pathlib.Path,
         write_hf_encoder(tmp / "encoder", encoder_state, cfg.encoder)
         # What loop.build_flowfeat builds from this config, without its random init (the weights replace it).
         dtype = jnp.dtype(config.model.dtype)
-        encoder = vit_ports.from_pretrained(str(tmp / "encoder"), dtype=dtype, pos_interp="hub")
+        encoder = vit_ports.from_pretrained(str(tmp / "encoder"), dtype=dtype, pos_interp=cfg.encoder.pos_interp)
         built = FlowFeatConfig.from_encoder(encoder.cfg, features=config.model.features)
         if built.decoder.widths != cfg.decoder.widths:
             raise ValueError(f"{pth}: decoder widths {cfg.decoder.widths} differ from {built.decoder.widths}, "

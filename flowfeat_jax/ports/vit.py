@@ -231,6 +231,10 @@ def _read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {directory}")
 
 
+# A hub model id: `name` or `org/name` of letters, digits, '-', '_', '.'; anything else is a local path.
+_HF_REPO_ID = re.compile(r"(?!\.)[\w.-]+(/(?!\.)[\w.-]+)?")
+
+
 def _hub_snapshot(name: str) -> pathlib.Path:
     """Local directory with config.json and the weights of an HF hub model (the HF cache; downloads when online)."""
     import huggingface_hub
@@ -265,11 +269,18 @@ def from_pretrained(name_or_dir: str, *, dtype=jnp.float32, pos_interp: str | No
         encoders with a position table (ViTConfig).
     """
     path = pathlib.Path(name_or_dir)
+    if not path.is_dir() and not _HF_REPO_ID.fullmatch(str(name_or_dir)):
+        raise FileNotFoundError(f"encoder {name_or_dir}: no such directory (nor a Hugging Face model id 'org/name')")
     directory = path if path.is_dir() else _hub_snapshot(str(name_or_dir))
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {directory}")
-    hf_config = json.loads(config_file.read_text())
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_file}: not valid JSON ({error})") from None
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(hf_config).__name__}")
     family = registry.family_for_model_type(hf_config.get("model_type"))
     cfg = family.port("config_from_hf")(hf_config)
     overrides = {"dtype": dtype}

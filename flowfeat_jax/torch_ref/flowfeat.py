@@ -5,12 +5,15 @@
     with torch.inference_mode():
         encoder_features, flowfeat = model(images)  # images (B, 3, H, W) ImageNet-normalised, H, W multiples of 2p
 
-The architecture is read from the tensor shapes (`infer_config`); only the head count is not stored, and is taken as
-width / 64 (true for every released DINO, DINOv2 and MAE model) unless given.
+Files written by tools/export_torch.py carry their architecture (`architecture_dict`: inside a .safetensors file's
+metadata, beside a .pth as `<file>.json`), so nothing is guessed. A file without it (a released reference checkpoint)
+is read from its tensor shapes (`infer_config`); only the head count is not stored there, and is taken from the
+released models' widths (`torch_ref.vit.head_count`) unless given.
 """
 
 import collections
 import dataclasses
+import json
 import pathlib
 from collections.abc import Mapping, Sequence
 
@@ -131,6 +134,58 @@ def infer_config(shapes: Mapping[str, Sequence[int]], num_heads: int | None = No
     return TorchFlowFeatConfig(encoder, widths, features, default_hooks(num_layers))
 
 
+# Where an exported file keeps its architecture: safetensors metadata key, or the JSON file beside a .pth.
+ARCHITECTURE_KEY = "flowfeat_architecture"
+ARCHITECTURE_FORMAT = "flowfeat-architecture/1"
+
+
+def architecture_path(path: str | pathlib.Path) -> pathlib.Path:
+    """`<file>.json` beside an exported .pth (torch.save files have no metadata the reference loader would keep)."""
+    path = pathlib.Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def architecture_dict(cfg: TorchFlowFeatConfig, *, family: str, pos_interp: str) -> dict:
+    """Everything an import needs besides the tensors: the encoder (with its head count), its family (DINO and MAE
+    share a layout) and position resizing mode ('hf' | 'hub'), the decoder widths, d and the hooks."""
+    return {"format": ARCHITECTURE_FORMAT, "family": family, "pos_interp": pos_interp,
+            "encoder": dataclasses.asdict(cfg.encoder), "widths": list(cfg.widths), "features": cfg.features,
+            "hooks": list(cfg.hooks)}
+
+
+def config_from_architecture(architecture: Mapping, where: str) -> TorchFlowFeatConfig:
+    """The TorchFlowFeatConfig of an `architecture_dict`; ValueError naming `where` when it is not one."""
+    try:
+        if architecture.get("format") != ARCHITECTURE_FORMAT:
+            raise ValueError(f"format {architecture.get('format')!r}, expected {ARCHITECTURE_FORMAT!r}")
+        return TorchFlowFeatConfig(HubViTConfig(**architecture["encoder"]), tuple(architecture["widths"]),
+                                   int(architecture["features"]), tuple(architecture["hooks"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{where}: not a FlowFeat architecture record ({error})") from None
+
+
+def read_architecture(path: str | pathlib.Path) -> dict | None:
+    """The architecture an exported file carries (safetensors metadata, or `<file>.json` beside a .pth), else None
+    (a released reference file). ValueError naming the file when the record is not valid JSON."""
+    path = pathlib.Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, "np") as f:
+            text, where = (f.metadata() or {}).get(ARCHITECTURE_KEY), f"{path} (metadata {ARCHITECTURE_KEY})"
+    else:
+        sidecar = architecture_path(path)
+        text, where = (sidecar.read_text(), str(sidecar)) if sidecar.is_file() else (None, "")
+    if text is None:
+        return None
+    try:
+        architecture = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error})") from None
+    config_from_architecture(architecture, where)  # checked here, so callers get a one-line error naming the file
+    return architecture
+
+
 def read_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
     """A reference-layout state dict from a .pth (torch.save) or .safetensors file."""
     path = pathlib.Path(path)
@@ -148,8 +203,20 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
 
 def load_torch_flowfeat(path_or_state: str | pathlib.Path | Mapping[str, torch.Tensor],
                         num_heads: int | None = None) -> TorchFlowFeat:
-    """TorchFlowFeat with the weights of an exported file (or state dict), loaded strictly. Call .eval() to run."""
-    state = path_or_state if isinstance(path_or_state, Mapping) else read_state_dict(path_or_state)
-    model = TorchFlowFeat(infer_config({k: tuple(v.shape) for k, v in state.items()}, num_heads))
+    """TorchFlowFeat with the weights of an exported file (or state dict), loaded strictly. Call .eval() to run.
+
+    The architecture a file carries is used as it is (`num_heads`, if given, must agree); otherwise it is inferred
+    from the shapes (`infer_config`)."""
+    if isinstance(path_or_state, Mapping):
+        state, architecture, where = path_or_state, None, "state dict"
+    else:
+        state, architecture, where = read_state_dict(path_or_state), read_architecture(path_or_state), path_or_state
+    if architecture is not None:
+        cfg = config_from_architecture(architecture, str(where))
+        if num_heads is not None and num_heads != cfg.encoder.num_heads:
+            raise ValueError(f"{where}: the file records {cfg.encoder.num_heads} heads, num_heads={num_heads} given")
+    else:
+        cfg = infer_config({k: tuple(v.shape) for k, v in state.items()}, num_heads)
+    model = TorchFlowFeat(cfg)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
     return model

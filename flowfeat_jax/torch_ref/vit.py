@@ -190,12 +190,17 @@ class HubViT(nn.Module):
         return [outputs[i] for i in hooks]
 
 
+# Heads of the released FlowFeat backbones by width: ViT-S (DINO, DINOv2), ViT-B (DINO, DINOv2, MAE), ViT-L.
+RELEASED_HEADS = {384: 6, 768: 12, 1024: 16}
+
+
 def head_count(hidden_size: int) -> int:
-    """Heads of a hub ViT of this width: every released DINO/DINOv2/MAE model uses 64 channels per head."""
-    if hidden_size % 64:
-        raise ValueError(f"cannot infer the number of heads of a ViT of width {hidden_size} (not a multiple of 64); "
-                         "give num_heads explicitly")
-    return hidden_size // 64
+    """Heads of a released hub ViT of this width. Any other width is ambiguous (width 128 may have 2 or 4 heads, and
+    guessing runs another model silently): refused, asking for the head count."""
+    if hidden_size not in RELEASED_HEADS:
+        raise ValueError(f"cannot infer the number of heads of a ViT of width {hidden_size} (released widths: "
+                         f"{', '.join(map(str, RELEASED_HEADS))}); give the head count (--num-heads / num_heads)")
+    return RELEASED_HEADS[hidden_size]
 
 
 def square_side(num_positions: int) -> int:

@@ -17,6 +17,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from flowfeat_jax import cli
+
+# After a failed write: how long the writes still in flight get to fail quietly before the error is reported.
+_DRAIN_S = 2.0
+
 
 def _path_name(path: tuple) -> str:
     """A canonical name of a pytree path: keys and indices as plain strings joined by '/' (so an int key 0 and the
@@ -48,7 +53,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | pathlib.Path, *, keep: int = 3):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # Synchronous saves: a failed write (full disk) then surfaces inside `save`, where what its writer threads
+        # print can be held back, instead of in a background thread at any later point of training.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -60,7 +67,9 @@ class Checkpointer:
             import grain
 
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        with jax.transfer_guard("allow"), self._write_errors(step):
+        # A failed write leaves the other arrays' writes failing in tensorstore threads, each printing a traceback
+        # ("Event loop is closed"; hundreds on a full disk): held back, and given _DRAIN_S to finish.
+        with jax.transfer_guard("allow"), self._write_errors(step), cli.stderr_kept_on_success(_DRAIN_S):
             return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     @contextlib.contextmanager
@@ -69,10 +78,16 @@ class Checkpointer:
         save or at close) in one line that names the folder; the rename-on-commit keeps earlier steps intact."""
         try:
             yield
-        except OSError as e:
+        except (OSError, ValueError) as e:
+            if isinstance(e, OSError):
+                reason = f"{e.strerror or e} ({e.filename or 'orbax'})"
+            elif "No space left" in str(e) or "RESOURCE_EXHAUSTED" in str(e):  # tensorstore's error on a full disk
+                reason = f"No space left on device ({' '.join(str(e).split())[:160]})"
+            else:
+                raise
             what = f"checkpoint {step}" if step is not None else "the last checkpoint"
             raise OSError(
-                f"cannot write {what} in {self.directory}: {e.strerror or e} ({e.filename or 'orbax'}); "
+                f"cannot write {what} in {self.directory}: {reason}; "
                 "the earlier checkpoints are intact, free space and rerun to resume"
             ) from e
 
@@ -120,10 +135,10 @@ class Checkpointer:
 
     def close(self) -> None:
         with self._write_errors(None):
-            try:
-                self._manager.wait_until_finished()
-            finally:
-                self._manager.close()  # re-raises a failed background save
+            self._manager.wait_until_finished()
+            # Not after a failed save: closing shuts orbax's event loop while tensorstore still completes the other
+            # arrays' writes, whose callbacks then print "Event loop is closed" tracebacks (hundreds on a full disk).
+            self._manager.close()  # re-raises a failed background save
 
 
 def abstract_like(tree: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -25,6 +26,7 @@ import numpy as np
 import optax
 
 from flowfeat_jax import cli
+from flowfeat_jax import config as config_lib
 from flowfeat_jax.models import flowfeat as flowfeat_lib
 from flowfeat_jax.progress import progress
 from flowfeat_jax.train import checkpoint as ckpt_lib
@@ -64,7 +66,10 @@ def build_flowfeat(
     if model_cfg.encoder:
         from flowfeat_jax.ports import vit as vit_ports
 
-        encoder = vit_ports.from_pretrained(model_cfg.encoder, dtype=dtype, pos_interp=model_cfg.pos_interp or None)
+        try:
+            encoder = vit_ports.from_pretrained(model_cfg.encoder, dtype=dtype, pos_interp=model_cfg.pos_interp or None)
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"model.encoder: {error}") from None
         encoder_cfg, source = encoder.cfg, model_cfg.encoder
     else:
         encoder_cfg = encoder_config(model_cfg)
@@ -134,14 +139,6 @@ def ensure_records(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -
     from flowfeat_jax.data import export, records
 
     records_dir = pathlib.Path(data_cfg.records) if data_cfg.records else workdir / "flow"
-    try:
-        records.load_manifests(records_dir)
-        return records_dir
-    except FileNotFoundError:
-        if not data_cfg.videos:
-            raise FileNotFoundError(
-                f"{records_dir}: no flow export (manifest.json); run tools/export_flow.py or set config.data.videos"
-            ) from None
     export_cfg = export.ExportConfig(
         method=data_cfg.method,
         checkpoint=data_cfg.checkpoint or None,
@@ -151,6 +148,26 @@ def ensure_records(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -
         flow_size=data_cfg.flow_size,
         jpeg_quality=data_cfg.jpeg_quality,
     )
+    try:
+        manifests = records.load_manifests(records_dir)
+    except FileNotFoundError:
+        if not data_cfg.videos:
+            raise FileNotFoundError(
+                f"{records_dir}: no flow export (manifest.json); run tools/export_flow.py or set config.data.videos"
+            ) from None
+    else:
+        checkpoint_sha256 = records.file_sha256(data_cfg.checkpoint) if data_cfg.checkpoint else None
+        differ = export.export_mismatches(
+            manifests[0], export_cfg, videos_spec=data_cfg.videos or None, checkpoint_sha256=checkpoint_sha256
+        )
+        if differ:
+            # The records decide the data; a setting they contradict would be recorded in config.json unused.
+            found = "; ".join(f"data.{k}: the export has {was!r}, the config asks for {now!r}" for k, was, now in differ)
+            raise ValueError(
+                f"{records_dir} was exported with other data settings ({found}); set them to the export's values, or "
+                "point data.records at another directory (a new one is exported from data.videos)"
+            )
+        return records_dir
     logging.info("exporting %s flow of %s into %s", data_cfg.method, data_cfg.videos, records_dir)
     export.export_flows(data_cfg.videos, records_dir, export_cfg)
     return records_dir
@@ -252,7 +269,7 @@ class NonFiniteWatch:
             self.bad = []
             return
         self.bad.append((step, videos))
-        logging.warning("step %d: non-finite loss or gradient (videos %s); state left unchanged", step, videos)
+        logging.warning("step %d: non-finite loss, gradient or update (videos %s); state left unchanged", step, videos)
         if len(self.bad) >= self.limit:
             raise TrainingError(
                 f"{len(self.bad)} consecutive non-finite steps, {self.bad[0][0]} to {step}; "
@@ -300,19 +317,136 @@ def read_pictures(directory: pathlib.Path) -> dict[str, np.ndarray]:
     return {f"pca/{p.stem}": np.asarray(Image.open(p).convert("RGB")) for p in sorted(directory.glob("*.png"))}
 
 
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def drop_metrics_after(path: pathlib.Path, step: int) -> None:
+    """Rows logged after the checkpoint a run resumes from belong to steps it will run again (a run killed, or a
+    failed save, after logging them): dropped, so the rerun does not log those steps twice."""
+    rows = _read_jsonl(path)
+    kept = [row for row in rows if row.get("step", 0) <= step]
+    if jax.process_index() == 0 and len(kept) != len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        tmp.replace(path)
+
+
+def evaluated_steps(path: pathlib.Path) -> set[int]:
+    """Steps with a validation row in metrics.jsonl (a validation that did not finish wrote none)."""
+    return {row["step"] for row in _read_jsonl(path) if any(k.startswith("eval/") for k in row)}
+
+
+# Settings a resumed run may change: they decide when to log, save, stop and evaluate, not the trajectory.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "train.num_steps",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.max_nonfinite",
+        "train.allow_changes",
+        "data.num_workers",
+        "data.prefetch",
+        "model.encoder",  # a moved encoder folder: its weights are checked by digest (check_same_encoder)
+    }
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def changed_settings(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """`key: old -> new` for every trajectory setting of `config` that differs from the checkpoint's config `saved`
+    (keys the saved config lacks, from an older version of this code, are not compared)."""
+    old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+    return [
+        f"{key}: {old[key]!r} -> {new[key]!r}"
+        for key in sorted(new)
+        if key in old and old[key] != new[key] and key not in RESUMABLE_CHANGES and not key.startswith("eval.")
+    ]
+
+
+class RunLock:
+    """An exclusive lock on `workdir/run.lock` (flock, released when the process ends, even killed) holding the pid
+    of the run, so a second training on one workdir stops at once instead of corrupting the first's checkpoints."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.path = workdir / "run.lock"
+        self._file = None
+
+    def __enter__(self):
+        import fcntl
+
+        if jax.process_index() != 0:  # a multi-host run shares one workdir; its first process holds the lock
+            return self
+        self._file = self.path.open("a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise TrainingError(
+                f"{self.path}: another run (pid {holder}) is training in this workdir; wait for it to end or use "
+                "another --workdir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self._file is not None:
+            self._file.close()  # closing releases the flock; the file stays (its pid is stale, harmless)
+        return False
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def save_checkpoint(checkpointer: ckpt_lib.Checkpointer, step: int, state: Any, meta: dict, data_iterator) -> None:
+    """Saves a state only when every parameter, EMA and optimiser leaf is finite: a non-finite state never reaches a
+    checkpoint (it would be resumed, exported and evaluated as if it were a model)."""
+    with jax.transfer_guard("allow"):
+        finite = bool(jax.device_get(_all_finite((state.params, state.ema_params, state.opt_state))))
+    if not finite:
+        raise TrainingError(
+            f"step {step}: the train state holds non-finite values; not saved (the checkpoints in "
+            f"{checkpointer.directory} are kept); check train.lr and the data"
+        )
+    checkpointer.save(step, state, meta, data_iterator)
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: str | pathlib.Path, validate: ValidateFn | None = None
 ) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir` up to `config.train.num_steps`; returns the last logged metrics.
 
-    With `config.eval.davis` set, `validate` (flowfeat_jax.validation, handed over by main) scores the model with the `eval.decoder`
-    decoder (online by default, as the reference validates and releases it) every `eval.every` steps and after the
-    last; `eval.keep_best` keeps the best checkpoint by the J&F of the first of `eval.protocols`.
+    Refused before anything in `workdir` changes: an invalid config, another run holding the workdir, data settings
+    an existing export contradicts, a resume onto another encoder, or (unless train.allow_changes) a resume with
+    changed trajectory settings.
+    With `config.eval.davis` set, `validate` (flowfeat_jax.validation, handed over by main) scores the model with the
+    `eval.decoder` decoder (online by default, as the reference validates and releases it) every `eval.every` steps
+    and after the last; a final validation that did not complete runs on the next invocation. `eval.keep_best` keeps
+    the best checkpoint by the J&F of the first of `eval.protocols`.
     """
+    config_lib.validate_config(config)
     if config.eval.davis and validate is None:
         raise ValueError("config.eval.davis is set but no validation function was given (flowfeat_jax.main gives one)")
-    if config.eval.decoder not in ("online", "ema"):
-        raise ValueError(f"config.eval.decoder must be 'online' or 'ema', got {config.eval.decoder!r}")
     workdir = pathlib.Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -320,17 +454,26 @@ def train(
         raise OSError(
             f"cannot create workdir {workdir}: {e.strerror or e}; give a --workdir in a writable folder"
         ) from e
-    logging.info("config:\n%s", config)
-    writer = metric_writer.MetricWriter(workdir, tensorboard=config.log.tensorboard,
-                                        wandb_project=config.log.wandb_project,
-                                        config=json.loads(config.to_json_best_effort()),
-                                        enabled=jax.process_index() == 0)
+    with RunLock(workdir):
+        return _train_locked(config, workdir, validate)
 
+
+def _train_locked(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, validate: ValidateFn | None
+) -> dict[str, float]:
+    logging.info("config:\n%s", config)
     model, encoder_source = build_flowfeat(config.model, config.seed)
+    patch = model.cfg.encoder.patch_size
     try:
-        flowfeat_lib.check_token_grid(config.train.input_size, config.train.input_size, model.cfg.encoder.patch_size)
+        flowfeat_lib.check_token_grid(config.train.input_size, config.train.input_size, patch)
     except ValueError as e:
         raise ValueError(f"train.input_size: {e}") from None
+    if config.eval.davis:
+        protocols = [p for p in config.eval.protocols.split(",") if p]
+        short_side, max_frames = config.eval.short_side, config.eval.max_frames
+        config_lib.raise_problems(config_lib.check_eval_options(protocols, short_side, max_frames, patch_size=patch))
+    if config.data.source == "records":
+        ensure_records(config.data, workdir)  # a mismatched export is refused here, before any training
     graphdef, model_state = nnx.split(model)
     pure = nnx.to_pure_dict(model_state)
     encoder_params, decoder_params = pure["encoder"], pure["decoder"]
@@ -348,17 +491,37 @@ def train(
     sharding.local_batch_size(config.train.batch_size, mesh)  # fails early on a batch that does not split
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     start = checkpointer.latest_step()
+    changes = []
+    if start is not None:
+        saved_meta = checkpointer.restore_meta(start)
+        ckpt_lib.check_same_encoder(saved_meta, encoder_source, encoder_digest, workdir)
+        changes = changed_settings(saved_meta.get("config", {}), config) if "imported" not in saved_meta else []
+        if changes and not config.train.allow_changes:
+            raise TrainingError(
+                f"{workdir}: resuming from step {start} with changed settings that alter the training "
+                f"({'; '.join(changes)}); rerun with the checkpoint's settings, use another --workdir, or pass "
+                "--config.train.allow_changes=True"
+            )
     batches, data_iterator = make_batches(config, workdir, start or 0)
     if start is not None:
-        ckpt_lib.check_same_encoder(checkpointer.restore_meta(start), encoder_source, encoder_digest, workdir)
         state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iterator)
         logging.info("resumed from %s at step %d", checkpointer.directory, start)
-    # Written after the checks above, so a refused run leaves the config of the run in `workdir` as it was.
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    # Written after the checks above, so a refused run leaves the config of the run in `workdir` as it was; an
+    # allowed change keeps the config it replaces as config.<step>.json.
+    config_path = workdir / "config.json"
+    if changes and config_path.is_file() and jax.process_index() == 0:
+        config_path.replace(workdir / f"config.{start}.json")
+    if jax.process_index() == 0:
+        config_path.write_text(config.to_json_best_effort(indent=2) + "\n")
     best = None
     if config.eval.davis and config.eval.keep_best:
         best = BestCheckpoint(workdir / "best", f"eval/{config.eval.protocols.split(',')[0]}/JF_mean")
     start = int(state.step)
+    metrics_path = workdir / "metrics.jsonl"
+    if start:
+        drop_metrics_after(metrics_path, start)
+        print(f"resuming from step {start} ({workdir / 'checkpoints'})" + (
+            f"; changed: {'; '.join(changes)} (earlier config in config.{start}.json)" if changes else ""))
     state, encoder_params = sharding.replicate((state, encoder_params), mesh)
 
     train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, step_config(config)))
@@ -374,49 +537,62 @@ def train(
         disable=jax.process_index() > 0,
     )
     tick, tick_step = time.perf_counter(), start
-    with StopSignals() as stop:
-        try:
-            pending = None  # the next batch, pulled and sent to the device while this step runs
-            for step in bar:
-                batch, device_batch = pending or next_on_device(batches, mesh)
-                with jax.transfer_guard("disallow"):
-                    state, metrics = train_step(state, device_batch, encoder_params)
-                done = step + 1
-                stopping = stop.received  # read once: a checkpoint's data state never includes a pulled batch
-                saving = done % config.train.checkpoint_every == 0 or done == num_steps or stopping
-                pending = None if saving else next_on_device(batches, mesh)
-                watch.push(done, metrics["finite"], batch["video"])
-                if done % config.train.log_every == 0 or done == num_steps:
-                    watch.flush()
-                    now = time.perf_counter()
-                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    last["img_per_s"] = batch_size * (done - tick_step) / max(now - tick, 1e-9)
-                    tick, tick_step = now, done
-                    writer.scalars(done, last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.1f}")
-                if saving:
-                    checkpointer.save(done, state, meta, data_iterator)
-                if stopping:
-                    raise TrainingError(
-                        f"stopped by {stopping} after step {done}; checkpoint saved in {checkpointer.directory}, "
-                        "run the same command to resume"
-                    )
-                every = config.eval.every
-                if config.eval.davis and (done == num_steps or (every and done % every == 0)):
-                    decoder = state.params if config.eval.decoder == "online" else state.ema_params
-                    model = nnx.merge(graphdef, {"encoder": encoder_params, "decoder": decoder})
-                    # The frozen encoder's score never changes: it is computed once, beside the final FlowFeat one.
-                    kinds = ("encoder", "flowfeat") if done == num_steps else ("flowfeat",)
-                    eval_dir = workdir / "eval" / f"step_{done}"
-                    scores = validate(model, eval_dir, kinds)
-                    if best is not None and best.update(done, scores, state, meta):
-                        scores = {**scores, "eval/best_step": done}
-                    writer.scalars(done, scores)
-                    writer.images(done, read_pictures(eval_dir / "pca"))
-                    last.update(scores)
-        finally:
-            checkpointer.close()
-            writer.close()
-            if best is not None:
-                best.close()
+    writer = metric_writer.MetricWriter(workdir, tensorboard=config.log.tensorboard,
+                                        wandb_project=config.log.wandb_project,
+                                        config=json.loads(config.to_json_best_effort()),
+                                        enabled=jax.process_index() == 0)
+
+    def validate_and_log(state, step: int, kinds: tuple[str, ...]) -> dict[str, float]:
+        decoder = state.params if config.eval.decoder == "online" else state.ema_params
+        model = nnx.merge(graphdef, {"encoder": encoder_params, "decoder": decoder})
+        eval_dir = workdir / "eval" / f"step_{step}"
+        scores = validate(model, eval_dir, kinds)
+        if best is not None and best.update(step, scores, state, meta):
+            scores = {**scores, "eval/best_step": step}
+        writer.scalars(step, scores)
+        writer.images(step, read_pictures(eval_dir / "pca"))
+        return scores
+
+    try:
+        with StopSignals() as stop:
+            try:
+                pending = None  # the next batch, pulled and sent to the device while this step runs
+                for step in bar:
+                    batch, device_batch = pending or next_on_device(batches, mesh)
+                    with jax.transfer_guard("disallow"):
+                        state, metrics = train_step(state, device_batch, encoder_params)
+                    done = step + 1
+                    stopping = stop.received  # read once: a checkpoint's data state never includes a pulled batch
+                    saving = done % config.train.checkpoint_every == 0 or done == num_steps or stopping
+                    pending = None if saving else next_on_device(batches, mesh)
+                    watch.push(done, metrics["finite"], batch["video"])
+                    if done % config.train.log_every == 0 or done == num_steps:
+                        watch.flush()
+                        now = time.perf_counter()
+                        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        last["img_per_s"] = batch_size * (done - tick_step) / max(now - tick, 1e-9)
+                        tick, tick_step = now, done
+                        writer.scalars(done, last)
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.1f}")
+                    if saving:
+                        save_checkpoint(checkpointer, done, state, meta, data_iterator)
+                    if stopping:
+                        raise TrainingError(
+                            f"stopped by {stopping} after step {done}; checkpoint saved in {checkpointer.directory}, "
+                            "run the same command to resume"
+                        )
+                    every = config.eval.every
+                    if config.eval.davis and every and done % every == 0 and done != num_steps:
+                        last.update(validate_and_log(state, done, ("flowfeat",)))
+            finally:
+                checkpointer.close()
+        final = int(jax.device_get(state.step))
+        # The final validation, also when an earlier invocation trained to the end but did not finish validating;
+        # the frozen encoder's score never changes, so it is computed once, beside the final FlowFeat one.
+        if config.eval.davis and final >= num_steps and final not in evaluated_steps(metrics_path):
+            last.update(validate_and_log(state, final, ("encoder", "flowfeat")))
+    finally:
+        writer.close()
+        if best is not None:
+            best.close()
     return last

@@ -6,8 +6,8 @@ One sample (recipe.md "One training sample", steps 2-8; mirrors model.py FlowFea
   3. the frozen encoder embeds both crops in one batched call; the EMA decoder embeds crop 1, the online decoder crop 2;
   4. a ridge regression fits crop 1's flow from the EMA features, the map is applied to the online features;
   5. loss = grad_weight * L_grad + flow_weight * L_flow; AdamW on the decoder; EMA update (ema_pytorch schedule).
-A step whose loss or gradient norm is not finite leaves params, EMA and optimiser state untouched (inside jit, no
-host round trip) and is counted.
+A step whose loss, gradient norm or update norm is not finite leaves params, EMA and optimiser state untouched (inside
+jit, no host round trip) and is counted.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ def make_train_step(
             inv_gamma=cfg.ema_inv_gamma,
         )
 
-        finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm)
+        # What would be written decides: a finite gradient can still give a non-finite update (lr = nan, overflow).
+        finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = state.replace(
             step=state.step + 1,
