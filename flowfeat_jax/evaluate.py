@@ -73,7 +73,8 @@ def run() -> pathlib.Path:
         logging.info("evaluating %s at step %d", _WORKDIR.value, step)
     else:
         raise ValueError("give --workdir (a run with a checkpoint) or --config (a model without training)")
-    config_lib.check_evaluate_flags(_PROTOCOLS.value, _SHORT_SIDE.value, _MAX_FRAMES.value, model.cfg.encoder.patch_size)
+    patch = model.cfg.encoder.patch_size
+    config_lib.check_evaluate_flags(_PROTOCOLS.value, _SHORT_SIDE.value, _MAX_FRAMES.value, patch)  # before any output
     out = pathlib.Path(_OUT.value or pathlib.Path(_WORKDIR.value or ".") / "eval_davis")
     results = features.evaluate_davis(
         model,

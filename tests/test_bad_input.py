@@ -543,13 +543,12 @@ def test_data_settings_that_the_export_contradicts_are_refused(exported, tmp_pat
     assert not (tmp_path / "run" / "config.json").exists()
 
 
-def test_matching_data_settings_train_and_config_json_records_them(exported, tmp_path):
+def test_matching_data_settings_are_accepted(exported, tmp_path):
     config = records_config(exported)
-    config.train.num_steps = 1
-    loop.train(config, tmp_path / "run")
-    written = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
-    params = records.load_manifests(exported)[0]["params"]
-    assert [written[k] for k in export.REQUESTABLE_PARAMS] == [params[k] for k in export.REQUESTABLE_PARAMS]
+    assert loop.ensure_records(config.data, tmp_path) == exported
+    manifest = records.load_manifests(exported)[0]
+    cfg = export.ExportConfig(method="dis", gap=2, frame_size=64, flow_size=32)
+    assert export.export_mismatches(manifest, cfg, videos_spec=manifest["videos"]) == []
 
 
 # Classes 2-4: frame folders (order, odd entries, bit depth).
@@ -763,13 +762,14 @@ def test_resume_with_allowed_changes_keeps_the_config_history(disk_full_run, tmp
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the rows of the failed run's steps 4-6 not repeated
 
 
-def test_resume_with_only_longer_training_is_allowed(disk_full_run, tmp_path, capsys):
-    workdir = copy_run(disk_full_run[0], tmp_path / "run")
-    config = tiny_config(num_steps=7)
-    config.train.log_every, config.data.num_workers = 7, 1  # logging and data workers do not change the trajectory
-    loop.train(config, workdir)
-    assert "resuming from step 3" in capsys.readouterr().out
-    assert not list(workdir.glob("config.*.json"))
+def test_settings_that_do_not_alter_the_trajectory_may_change_on_resume():
+    saved = json.loads(tiny_config(num_steps=6).to_json_best_effort())
+    config = tiny_config(num_steps=60)
+    config.train.log_every, config.train.checkpoint_every, config.data.num_workers = 7, 5, 1
+    config.eval.davis, config.eval.every = str(DEMO_CLIP), 10
+    assert loop.changed_settings(saved, config) == []
+    config.seed = 3
+    assert loop.changed_settings(saved, config) == ["seed: 0 -> 3"]
 
 
 def test_a_second_training_on_one_workdir_is_refused(tmp_path):
@@ -941,7 +941,7 @@ def test_evaluate_flags_are_checked_before_any_work(disk_full_run, tmp_path):
 
 # A real full disk: a 2.5 MB tmpfs holds checkpoint 3 (about 1.6 MB) but not checkpoint 6.
 @pytest.mark.slow
-def test_real_full_disk_is_one_line_and_resumes_without_duplicate_rows(tmp_path):
+def test_real_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2560k", "tmpfs", str(disk)], capture_output=True,
@@ -965,9 +965,4 @@ def test_real_full_disk_is_one_line_and_resumes_without_duplicate_rows(tmp_path)
         moved = shutil.copytree(disk / "run", tmp_path / "run", ignore=shutil.ignore_patterns("*orbax-checkpoint-tmp*"))
     finally:
         subprocess.run(["umount", str(disk)], check=False)
-    assert file_hashes(moved / "checkpoints" / "3") == kept
-    result = run_module(*command[:4], f"--workdir={moved}", *tiny)  # after "freeing space": resumes at 3
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "resuming from step 3" in result.stdout
-    rows = [json.loads(line) for line in (moved / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert file_hashes(moved / "checkpoints" / "3") == kept  # the resume itself: test_resume_with_allowed_changes...

@@ -249,8 +249,9 @@ def open_flow_records(export_dir: str | os.PathLike) -> FlowRecords:
     frames_so_far = pairs_so_far = 0
     for manifest in manifests:
         for shard in manifest["shards"]:
-            frame_files.append(_check_shard_file(root, shard["frames_file"], shard["frames_bytes"], shard["num_frames"]))
-            flow_files.append(_check_shard_file(root, shard["flows_file"], shard["flows_bytes"], shard["num_pairs"]))
+            frames, flows = shard["frames_file"], shard["flows_file"]
+            frame_files.append(_check_shard_file(root, frames, shard["frames_bytes"], shard["num_frames"]))
+            flow_files.append(_check_shard_file(root, flows, shard["flows_bytes"], shard["num_pairs"]))
             for video in shard["videos"]:
                 ids.append(video["video"])
                 names.append(video["name"])

@@ -162,7 +162,9 @@ def ensure_records(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -
         )
         if differ:
             # The records decide the data; a setting they contradict would be recorded in config.json unused.
-            found = "; ".join(f"data.{k}: the export has {was!r}, the config asks for {now!r}" for k, was, now in differ)
+            found = "; ".join(
+                f"data.{k}: the export has {was!r}, the config asks for {now!r}" for k, was, now in differ
+            )
             raise ValueError(
                 f"{records_dir} was exported with other data settings ({found}); set them to the export's values, or "
                 "point data.records at another directory (a new one is exported from data.videos)"
