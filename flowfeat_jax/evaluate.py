@@ -40,7 +40,8 @@ _KNN_STREAMS = flags.DEFINE_enum("knn_streams", "both", ["both", "flowfeat"], "K
 _KNN_SCALE = flags.DEFINE_enum("knn_scale", "1", ["1", "2"], "KNN grid: 1 = encoder patch grid; 2 = 2x finer (Tab. 6).")
 _PROBE_ENCODER_GRID = flags.DEFINE_enum("probe_encoder_grid", "patch", ["patch", "input"], "Encoder-only linear "
                                         "probe on the patch grid (paper) or on upsampled features at the input size.")
-_FRAMES_PER_CALL = flags.DEFINE_integer("frames_per_call", 4, "Frames per compiled chunk (memory vs. dispatches).")
+_FRAMES_PER_CALL = flags.DEFINE_integer("frames_per_call", 0, "Frames per compiled chunk (memory vs. dispatches); "
+                                        "0: 1 on CPU, 4 on accelerators.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors.")
 
 
@@ -62,6 +63,8 @@ def run() -> pathlib.Path:
 
     if not _DAVIS.value:
         raise ValueError("--davis is required: the DAVIS root to evaluate on")
+    if _FRAMES_PER_CALL.value < 0:
+        raise ValueError(f"--frames_per_call must be >= 0 (0: automatic), got {_FRAMES_PER_CALL.value}")
     if _CONFIG.value is not None and not _WORKDIR.value:
         from flowfeat_jax.train.loop import build_flowfeat
 
@@ -88,7 +91,7 @@ def run() -> pathlib.Path:
         max_frames=_MAX_FRAMES.value or None,
         knn_settings=KnnSettings(streams=_KNN_STREAMS.value, scale=int(_KNN_SCALE.value)),
         probe_settings=ProbeSettings(encoder_grid=_PROBE_ENCODER_GRID.value),
-        frames_per_call=_FRAMES_PER_CALL.value,
+        frames_per_call=_FRAMES_PER_CALL.value or None,
     )
     table = features.results_table(results)
     (out / "table.md").write_text(table + "\n")

@@ -96,14 +96,18 @@ def evaluate_davis(
     max_frames: int | None = None,
     knn_settings: KnnSettings = KnnSettings(),
     probe_settings: ProbeSettings = ProbeSettings(),
-    frames_per_call: int = 4,
+    frames_per_call: int | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Scores every feature kind under every protocol; returns {kind: {protocol: global J&F scores}}.
 
     All rows share one pass over each sequence (`vos.segment_sequence`: encoder features computed once per frame).
     Writes `out_dir/<kind>/<protocol>/` (result PNGs, overlays, SCORES.json, scores.csv via `vos`) and one PCA
     picture per sequence, `out_dir/pca/<sequence>.png` (frame | encoder | FlowFeat).
+    `frames_per_call` None: 1 on CPU (DINOv2-S/14 at 476 x 840 on 2 cores: 1.61 s/frame at batch 1, 2.54 s/frame at
+    batch 4), 4 on accelerators.
     """
+    if frames_per_call is None:
+        frames_per_call = 1 if jax.default_backend() == "cpu" else 4
     out_dir = pathlib.Path(out_dir)
     patch_size = model.cfg.encoder.patch_size
     multiple, short_side = davis_input_geometry(patch_size, short_side)

@@ -163,6 +163,8 @@ def segment_sequence(feature_fn: FeatureFn, params: Any, frames: np.ndarray, fir
       frames_per_call: frames per compiled chunk (a fixed shape: the last chunk is padded).
     """
     kinds, protocols = tuple(kinds), tuple(protocols)
+    if frames_per_call < 1:
+        raise ValueError(f"frames_per_call must be >= 1, got {frames_per_call}")
     start, advance = sequence_programs(feature_fn, kinds, protocols, knn_settings, probe_settings)
     input_hw, out_hw = frames.shape[1:3], first_annotation.shape
     if input_hw[0] % patch_size or input_hw[1] % patch_size:
