@@ -91,7 +91,7 @@ class FeatureExtractor:
     """
 
     def __init__(self, model, *, size: tuple[int, int] | None = None, stride: int = 1, dtype: str = "float32"):
-        from flowfeat_jax.eval.knn import pool_features
+        from flowfeat_jax.eval.knn import pool_to_grid
         from flowfeat_jax.models import vit
         from flowfeat_jax.models.dpt import check_token_grid
         from flowfeat_jax.train.step import normalize_images
@@ -119,7 +119,7 @@ class FeatureExtractor:
                 return vit.patch_tokens(out.last_hidden_state, net.cfg, out.grid).astype(out_dtype), None
             encoder, flowfeat = net(x)
             if stride > 1:
-                flowfeat = pool_features(flowfeat, stride)
+                flowfeat = pool_to_grid(flowfeat, (flowfeat.shape[1] // stride, flowfeat.shape[2] // stride))
             return encoder.astype(out_dtype), flowfeat.astype(out_dtype)
 
         self._features = features

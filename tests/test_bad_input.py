@@ -84,11 +84,12 @@ def assert_one_line(stderr: str, prog: str, *named: str) -> str:
     return line
 
 
-def guarded_train(config, workdir) -> tuple[int, str]:
+def guarded_train(config, workdir, validate=None) -> tuple[int, str]:
     """loop.train under cli.run_guarded as flowfeat_jax.main runs it: (exit status, stderr)."""
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        status = cli.run_guarded(lambda: loop.train(config, workdir), prog="flowfeat_jax.main", verbose=False)
+        status = cli.run_guarded(lambda: loop.train(config, workdir, validate), prog="flowfeat_jax.main",
+                                 verbose=False)
     return status, stderr.getvalue()
 
 
@@ -701,30 +702,32 @@ def test_invalid_override_on_the_command_line_names_the_key(tmp_path):
 def test_eval_short_side_below_two_patches_is_refused_before_training(tmp_path):
     config = tiny_config()
     config.eval.davis, config.eval.short_side = str(DEMO_CLIP), 13
-    status, stderr = guarded_train(config, tmp_path / "run")
+    status, stderr = guarded_train(config, tmp_path / "run", validate=lambda *args: pytest.fail("validated"))
     assert status == 1
     assert_one_line(stderr, "flowfeat_jax.main", "eval.short_side", ">= 28", "13")
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.json").exists()
 
 
 # Class 9: a final validation that did not complete runs on the next invocation.
-def test_an_unfinished_final_validation_runs_on_the_next_invocation(tmp_path, monkeypatch):
+def test_an_unfinished_final_validation_runs_on_the_next_invocation(tmp_path):
     config = tiny_config(num_steps=3)
     config.eval.davis = str(DEMO_CLIP)
     calls = []
 
-    def failing_validate(eval_cfg, graphdef, encoder_params, ema_params, out_dir):
+    def failing_validate(model, out_dir, kinds):
         calls.append(out_dir.name)
         raise OSError(errno.ENOSPC, "No space left on device", str(out_dir))
 
-    monkeypatch.setattr(loop, "validate", failing_validate)
-    status, stderr = guarded_train(config, tmp_path)
+    def validate(model, out_dir, kinds):
+        calls.append(out_dir.name)
+        return {"eval/knn/JF_mean": 0.5}
+
+    status, stderr = guarded_train(config, tmp_path, failing_validate)
     assert status == 1 and calls == ["step_3"]
     assert_one_line(stderr, "flowfeat_jax.main", "step_3", "No space left")
-    monkeypatch.setattr(loop, "validate", lambda *args: calls.append(args[-1].name) or {"eval/knn/JF_mean": 0.5})
-    assert loop.train(config, tmp_path)["eval/knn/JF_mean"] == 0.5
+    assert loop.train(config, tmp_path, validate)["eval/knn/JF_mean"] == 0.5
     assert calls == ["step_3", "step_3"]
-    loop.train(config, tmp_path)  # evaluated: not again
+    loop.train(config, tmp_path, validate)  # evaluated: not again
     assert calls == ["step_3", "step_3"]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 3] and rows[-1]["eval/knn/JF_mean"] == 0.5

@@ -114,7 +114,8 @@ def tiny_flowfeat_run(tmp_path_factory):
             param.add_(0.2 * torch.randn_like(param))
     directory = tmp_path_factory.mktemp("flowfeat")
     torch.save(model.state_dict(), directory / "released.pth")
-    return model, import_flowfeat(directory / "released.pth", directory / "run")
+    # Width 64 is no released width: its head count cannot be inferred from the shapes (an export would record it).
+    return model, import_flowfeat(directory / "released.pth", directory / "run", num_heads=1)
 
 
 def test_checkpoint_writes_encoder_and_flowfeat_features(tiny_flowfeat_run, tmp_path):
@@ -228,7 +229,7 @@ def test_online_decoder_is_the_default(tmp_path):
     state.update({"decoder_ema.ema_model." + k[len("decoder."):]: v + 0.05 * torch.randn_like(v)
                   for k, v in state.items() if k.startswith("decoder.")})
     torch.save(state, tmp_path / "snapshot.pth")
-    run = import_flowfeat(tmp_path / "snapshot.pth", tmp_path / "run")
+    run = import_flowfeat(tmp_path / "snapshot.pth", tmp_path / "run", num_heads=1)
     frame = _frames(1, (56, 56))[0]
     pixels = torch.from_numpy((frame.astype(np.float32) / 255 - MEAN) / STD).permute(2, 0, 1)[None]
     with torch.inference_mode():
