@@ -107,7 +107,7 @@ def _export_params(cfg: ExportConfig, checkpoint_sha256: str | None, video_list:
 
 
 # Fields of an export's `params` that a run may ask for, with the ExportConfig field holding the requested value.
-REQUESTABLE_PARAMS = ("method", "gap", "frame_size", "flow_size", "jpeg_quality")
+REQUESTABLE_PARAMS = ("method", "iters", "gap", "frame_size", "flow_size", "jpeg_quality")
 
 
 def export_mismatches(

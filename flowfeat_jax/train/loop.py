@@ -352,6 +352,9 @@ RESUMABLE_CHANGES = frozenset(
         "train.allow_changes",
         "data.num_workers",
         "data.prefetch",
+        "log.tensorboard",
+        "log.wandb_project",
+        "model.remat",  # recomputes the same values in the backward pass
         "model.encoder",  # a moved encoder folder: its weights are checked by digest (check_same_encoder)
     }
 )
