@@ -1,16 +1,11 @@
 """FlowFeat DINOv2 ViT-L/14 (hooks 5, 11, 17, 23) trained on YouTube-VOS (config of the reference).
 
 Expected: no paper number (the reference ships the config only).
-Settings: flowfeat_jax.config.ytvos_config (teacher, frames, alpha, validation; why RAFT is the default).
-Flow (released teacher, RAFT-sintel 20 iterations; 30-fps `train_all_frames` of a YouTube-VOS 2019 root):
-    python tools/export_flow.py --videos /data/youtube-vos-2019 --out /data/flow_ytvos_raft --method raft \
-        --checkpoint raft-sintel.pth --iters 20 --device cuda
-  The paper's SEA-RAFT M: --method searaft --checkpoint <SEA-RAFT-M> --out /data/flow_ytvos_searaft, then train with
-  --config.data.method=searaft --config.data.iters=0. The 6-fps frames only when asked: --videos <root>:train.
+Teacher: RAFT-sintel, 20 iterations, as the released ytvos.yaml (where the paper and the released config differ,
+the released config is the default; the paper's SEA-RAFT M is one override away). Flow export, teacher switch and
+validation: flowfeat_jax.config.ytvos_config and README "Reproduce the paper".
 Command: python -m flowfeat_jax.main --config configs/ytvos_dinov2_l14.py --workdir runs/ytvos_dinov2_l14 \
-    --config.data.records=/data/flow_ytvos_raft
-Validation (optional, model selection as the reference): add --config.eval.davis=/data/DAVIS-2017; the best-J&F
-checkpoint is kept in <workdir>/best.
+    --config.data.records=/data/flow_ytvos_raft [--config.eval.davis=/data/DAVIS-2017]
 """
 
 from flowfeat_jax.config import ytvos_config

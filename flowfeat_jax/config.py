@@ -160,7 +160,9 @@ def ytvos_config(encoder: str, encoder_arch: str) -> ml_collections.ConfigDict:
     flow teacher RAFT-sintel with 20 iterations (recipe.md step 9). Why RAFT: where the paper and the released config
     differ, the released config is the default (recipe.md). The paper's main results use SEA-RAFT M instead (Tab. 3
     (f): RAFT costs 0.6 J&F); that is one override away: `--config.data.method=searaft --config.data.iters=0` (and
-    records exported with `--method searaft`, or `--config.data.checkpoint=<SEA-RAFT-M weights>` when main exports)."""
+    records exported with `--method searaft`, or `--config.data.checkpoint=<SEA-RAFT-M weights>` when main exports).
+    Export of the released teacher's flow: `python tools/export_flow.py --videos /data/youtube-vos-2019
+    --out /data/flow_ytvos_raft --method raft --checkpoint raft-sintel.pth --iters 20 --device cuda`."""
     config = paper_config(encoder, encoder_arch, YTVOS_NUM_VIDEOS, epochs=500, val_every_epochs=10)
     config.data.method = "raft"
     config.data.iters = 20
