@@ -160,7 +160,7 @@ def test_validation_with_ema_decoder_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="no validation function"):
         loop.train(config, tmp_path / "a")
     config.eval.decoder = "teacher"
-    with pytest.raises(ValueError, match="eval.decoder must be 'online' or 'ema'"):
+    with pytest.raises(ValueError, match="eval.decoder must be one of 'online', 'ema', got 'teacher'"):
         loop.train(config, tmp_path / "b", validate=_scripted_validation([0.1])[0])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     config.eval.decoder = "ema"
