@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
+import pathlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -155,3 +157,15 @@ def hide_default_in_help(flag_name: str) -> None:
     from absl import flags
 
     flags.FLAGS[flag_name].default_as_str = None
+
+
+def read_json_object(path: pathlib.Path, hint: str = "") -> dict:
+    """A JSON object from a file the user gave or made; ValueError naming the file (and `hint`) when it is not one."""
+    suffix = f"; {hint}" if hint else ""
+    try:
+        content = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}){suffix}") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}{suffix}")
+    return content

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from flowfeat_jax import cli
+
 RECORD_MAGIC = b"FFR1"
 FORMAT = "flowfeat-flow-records/1"
 FLOW_DTYPE = np.dtype("<f2")
@@ -110,13 +112,7 @@ def write_json_atomic(path: pathlib.Path, content: dict) -> None:
 
 def read_json(path: pathlib.Path) -> dict:
     """A manifest or shard json; ValueError naming the file when it is not a JSON object."""
-    try:
-        content = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); delete the export and export again") from None
-    if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
-    return content
+    return cli.read_json_object(path, hint="delete the export and export again")
 
 
 def check_manifest(path: pathlib.Path, manifest: dict) -> None:

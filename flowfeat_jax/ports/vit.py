@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowfeat_jax import cli
 from flowfeat_jax.models import registry
 from flowfeat_jax.models.vit import ViT, ViTConfig
 
@@ -275,12 +276,7 @@ def from_pretrained(name_or_dir: str, *, dtype=jnp.float32, pos_interp: str | No
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {directory}")
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_file}: not valid JSON ({error})") from None
-    if not isinstance(hf_config, dict):
-        raise ValueError(f"{config_file}: expected a JSON object, got {type(hf_config).__name__}")
+    hf_config = cli.read_json_object(config_file)
     family = registry.family_for_model_type(hf_config.get("model_type"))
     cfg = family.port("config_from_hf")(hf_config)
     overrides = {"dtype": dtype}
