@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import transformers
 from conftest import random_images, save_hf_models
 
-from flowfeat_jax.models import ops
 from flowfeat_jax.models.vit import ViTConfig, bicubic_resize_matrix, forward, patch_tokens, resize_pos_table
 from flowfeat_jax.ports.vit import from_pretrained, hf_key_table, vit_config_from_hf
 
@@ -226,15 +225,3 @@ def test_resize_pos_table_modes(mode, antialias):
     np.testing.assert_allclose(np.asarray(ours), expected[0].permute(1, 2, 0).numpy(), atol=TOL, rtol=0)
     same = resize_pos_table(jnp.asarray(table), (side, side), mode=mode, antialias=antialias)
     np.testing.assert_array_equal(np.asarray(same), table)  # both torch worlds skip the resize at the stored grid
-
-
-@pytest.mark.parametrize("length", [5, 256, 300])  # one block, exactly one block, a 256 + 44 split on CPU
-def test_attention_matches_softmax_reference(length):
-    rng = np.random.default_rng(length)
-    q, k, v = (rng.standard_normal((2, length, 3, 8)).astype(np.float32) for _ in range(3))
-    scores = np.einsum("bqnd,bknd->bnqk", q.astype(np.float64), k.astype(np.float64)) / np.sqrt(8)
-    weights = np.exp(scores - scores.max(-1, keepdims=True))
-    weights /= weights.sum(-1, keepdims=True)
-    expected = np.einsum("bnqk,bknd->bqnd", weights, v.astype(np.float64))
-    got = np.asarray(ops.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)))
-    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
