@@ -1,4 +1,4 @@
-"""The DAVIS experiment (flowfeat_jax/experiment.py, tools/experiment_davis.py, configs/davis_small*.py), smoke size."""
+"""The DAVIS experiment (flowfeat_jax/apps/experiment.py, tools/experiment_davis.py, configs/davis_small*.py), smoke size."""
 
 import importlib.util
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowfeat_jax import experiment
+from flowfeat_jax.apps import experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ linear probe on the DAVIS val split for the encoder features, the same seed's un
 decoder. The DAVIS root defaults to the folder of `config.data.videos` (`PATH:train` -> PATH); the evaluation size and
 frame cap are `config.eval.short_side` / `config.eval.max_frames`, the sequences `config.eval.sequences` ('' = the
 whole split). Writes table.md, table.csv, results.json, bar_chart.png, pca.png, loss.png into --out (library:
-flowfeat_jax.experiment.run_experiment).
+flowfeat_jax.apps.experiment.run_experiment).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors."
 
 
 def run() -> None:
-    from flowfeat_jax import experiment
+    from flowfeat_jax.apps import experiment
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", pathlib.Path(flags.FLAGS["config"].config_filename).stem)
