@@ -28,7 +28,7 @@ from flax import nnx
 
 from flowfeat_jax import cli
 from flowfeat_jax.models.vit import ViTConfig
-from flowfeat_jax.train import crops, loop
+from flowfeat_jax.train import loop
 from flowfeat_jax.train import step as step_lib
 
 DTYPES = {"f32": "float32", "bf16": "bfloat16"}
@@ -204,10 +204,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[st
 
 def step_crop_thetas(state: step_lib.TrainState, batch_size: int, frame_side: int, crop_scale) -> tuple:
     """The two crop thetas train/step.py draws at `state.step` (same keys), as numpy, for the torch step."""
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    key1, key2 = jax.random.split(rng)
-    return tuple(np.asarray(crops.sample_crop_params(k, batch_size, crop_scale, image_size=frame_side))
-                 for k in (key1, key2))
+    return tuple(np.asarray(theta) for theta in step_lib.step_crops(state, batch_size, frame_side, crop_scale))
 
 
 class JaxSide:
@@ -273,7 +270,7 @@ class TorchSide:
         heads = jax_side.model.cfg.encoder.num_heads
         self.model = torch_flowfeat.load_torch_flowfeat(weights, heads).to(self.device).eval()
         trained = torch_flowfeat.load_torch_flowfeat(weights, heads).to(self.device)
-        cfg = torch_step_config(config)
+        cfg = torch_train.TorchStepConfig.from_sections(config.train, config.loss, config.ema)
         self.trainer = torch_train.TorchFlowFeatTrainer(trained, cfg)
         host = jax_side.host_batch
         frames = host["frame"].astype(np.float32) / 255.0
@@ -317,21 +314,6 @@ class TorchSide:
         if self.device.type != "cuda":
             return None
         return self.torch.cuda.max_memory_allocated(self.device) / 2**20
-
-
-def torch_step_config(config: ml_collections.ConfigDict):
-    """The torch step's constants from an experiment config (as loop.step_config for the JAX step)."""
-    from flowfeat_jax.torch_ref import train as torch_train
-
-    if config.loss.flow != "l1" or not config.ema.enabled:
-        raise ValueError("the torch reference step implements the released recipe only (loss.flow='l1', ema on)")
-    return torch_train.TorchStepConfig(
-        input_size=config.train.input_size, lr=config.train.lr, b1=config.train.b1, b2=config.train.b2,
-        weight_decay=config.train.weight_decay, norm_flow=config.loss.norm_flow, flow_weight=config.loss.flow_weight,
-        grad_weight=config.loss.grad_weight, sigma=config.loss.sigma, ridge_alpha=config.loss.ridge_alpha,
-        ema_beta=config.ema.beta, ema_update_after_step=config.ema.update_after_step,
-        ema_update_every=config.ema.update_every, ema_power=config.ema.power, ema_inv_gamma=config.ema.inv_gamma,
-    )
 
 
 def xla_thread_count() -> int:

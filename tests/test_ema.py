@@ -1,6 +1,5 @@
-"""EMA schedule vs a torch transcription of util/ema_pytorch.py EMA.update and a hand-written table."""
-
-import copy
+"""EMA schedule vs the torch reference's transcription of util/ema_pytorch.py EMA.update (torch_ref/train.py) and a
+hand-written table."""
 
 import jax
 import jax.numpy as jnp
@@ -8,47 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from flowfeat_jax import settings
+from flowfeat_jax.torch_ref import train as torch_ref
 from flowfeat_jax.train import ema
 
 TOL = 1e-4
-
-
-class _TorchEMA:
-    """The update() semantics of ema_pytorch.EMA (step counter, initted flag, copy/lerp/skip), transcribed."""
-
-    def __init__(self, model, beta, update_after_step, update_every, inv_gamma=1.0, power=2 / 3, min_value=0.0):
-        self.online, self.shadow = model, copy.deepcopy(model)
-        self.beta, self.after, self.every = beta, update_after_step, update_every
-        self.inv_gamma, self.power, self.min_value = inv_gamma, power, min_value
-        self.step, self.initted = torch.tensor(0), False
-
-    def _decay(self):
-        epoch = (self.step - self.after - 1).clamp(min=0.0)
-        value = 1 - (1 + epoch / self.inv_gamma) ** -self.power
-        return 0.0 if epoch.item() <= 0 else value.clamp(min=self.min_value, max=self.beta).item()
-
-    @torch.no_grad()
-    def update(self):
-        step = self.step.item()
-        self.step += 1
-        pairs = list(zip(self.shadow.parameters(), self.online.parameters()))
-        if not self.initted:
-            self.initted = True
-            for tgt, src in pairs:
-                tgt.copy_(src)
-            return "copy", 0.0
-        if step % self.every != 0:
-            return "skip", 1.0
-        if step <= self.after:
-            for tgt, src in pairs:
-                tgt.copy_(src)
-            return "copy", 0.0
-        if self.beta == 1.0:
-            return "skip", 1.0
-        decay = self._decay()
-        for tgt, src in pairs:
-            tgt.lerp_(src, 1.0 - decay)
-        return "lerp", decay
 
 
 def _tree(module):
@@ -59,21 +22,23 @@ def _tree(module):
 def test_ema_matches_torch_transcription_over_40_steps(beta, after, every):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    reference = _TorchEMA(model, beta, after, every)
-    ema_tree = _tree(reference.shadow)
+    cfg = settings.EmaConfig(enabled=True, beta=beta, update_after_step=after, update_every=every, power=2 / 3,
+                             inv_gamma=1.0)
+    reference = torch_ref.EmaTeacher(model, cfg)
+    ema_tree = _tree(reference.model)
     update = jax.jit(ema.ema_update, static_argnames=("beta", "update_after_step", "update_every"))
     actions = []
     for k in range(1, 41):
         with torch.no_grad():  # an "optimiser step"
             for p in model.parameters():
                 p.add_(0.5 * torch.randn_like(p))
-        action, ref_decay = reference.update()
-        actions.append(action)
+        ref_decay = reference.update(model)
+        actions.append("copy" if ref_decay == 0.0 else "skip" if ref_decay == 1.0 else "lerp")
         ema_tree, decay = update(
             ema_tree, _tree(model), jnp.int32(k), beta=beta, update_after_step=after, update_every=every
         )
         assert abs(float(decay) - ref_decay) <= 1e-6, (k, action, float(decay), ref_decay)
-        for name, value in _tree(reference.shadow).items():
+        for name, value in _tree(reference.model).items():
             np.testing.assert_allclose(np.asarray(ema_tree[name]), np.asarray(value), atol=TOL, rtol=0, err_msg=f"{k}")
     assert "lerp" in actions or beta == 1.0
 

@@ -1,4 +1,5 @@
-"""Ridge solve/predict vs a torch transcription of model.py FlowFeatTrain.forward_flow and vs numpy float64."""
+"""Ridge solve/predict vs the torch reference (torch_ref/train.py, model.py FlowFeatTrain.forward_flow) and vs numpy
+float64."""
 
 import jax
 import jax.numpy as jnp
@@ -6,25 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from flowfeat_jax.torch_ref import train as torch_ref
 from flowfeat_jax.train import ridge
 
 TOL = 1e-4
-
-
-def _torch_forward_flow(flow, feats_teacher, feats_student, alpha):
-    """forward_flow transcribed: NCHW in, (prediction NCHW, A (B, d+1, c)) out."""
-    b, _, h, w = feats_student.shape
-    to_mat = lambda x: x.flatten(2, 3).movedim(1, -1)  # noqa: E731
-    add_one = lambda x: torch.cat([x, torch.ones_like(x[..., :1])], -1)  # noqa: E731
-    x_teacher = add_one(to_mat(feats_teacher))
-    u = to_mat(flow)
-    lhs = x_teacher.transpose(-1, -2) @ x_teacher / x_teacher.shape[1]
-    if alpha > 0:
-        lhs = lhs + alpha * torch.eye(x_teacher.shape[-1])[None].expand(b, -1, -1)
-    rhs = x_teacher.transpose(-1, -2) @ u / x_teacher.shape[1]
-    weights = torch.linalg.lstsq(lhs, rhs).solution
-    pred = add_one(to_mat(feats_student)) @ weights
-    return pred.movedim(1, -1).reshape(b, u.shape[-1], h, w), weights
 
 
 def _inputs(seed, b=3, d=6, h=8, w=10, c=2):
@@ -44,7 +30,8 @@ def _nchw(x):
 def test_ridge_matches_torch_forward_flow(alpha):
     teacher, student, flow = _inputs(0)
     with torch.inference_mode():
-        ref_pred, ref_weights = _torch_forward_flow(_nchw(flow), _nchw(teacher), _nchw(student), alpha)
+        ref_weights = torch_ref.ridge_solve(_nchw(flow), _nchw(teacher), alpha)
+        ref_pred = torch_ref.ridge_predict(_nchw(student), ref_weights)
     weights = ridge.ridge_solve(jnp.asarray(teacher), jnp.asarray(flow), alpha)
     pred = ridge.ridge_predict(jnp.asarray(student), weights)
     assert weights.shape == (3, 7, 2) and weights.dtype == jnp.float32
@@ -84,7 +71,7 @@ def test_ridge_predict_gradient_matches_torch_autograd():
     """The loss gradient flows through the student features (ridge weights from the EMA teacher are constant)."""
     teacher, student, flow = _inputs(3)
     tstudent = _nchw(student).requires_grad_(True)
-    ref_pred, _ = _torch_forward_flow(_nchw(flow), _nchw(teacher), tstudent, 0.1)
+    ref_pred = torch_ref.ridge_flow(_nchw(flow), _nchw(teacher), tstudent, 0.1)
     probe = np.random.default_rng(4).normal(size=ref_pred.shape).astype(np.float32)
     (ref_pred * torch.from_numpy(probe)).sum().backward()
 

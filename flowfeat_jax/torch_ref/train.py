@@ -9,18 +9,27 @@ already computed (as in this project's records, so flow-network time is left out
      (no_grad), the online decoder crop 2;
   4. ridge map from the EMA features to crop 1's flow with `torch.linalg.lstsq` (model.py `forward_flow`), applied to
      the online features;
-  5. loss = grad_weight * focal gradient loss (edge_l1norm) + flow_weight * L1; AdamW step; ema_pytorch update.
+  5. loss = grad_weight * focal gradient loss (edge_l1norm) + flow_weight * L1 (or L2); AdamW step; ema_pytorch
+     update.
 
-    trainer = TorchFlowFeatTrainer(model, TorchStepConfig())
+    cfg = TorchStepConfig.from_sections(config.train, config.loss, config.ema)
+    trainer = TorchFlowFeatTrainer(model, cfg)
     losses = trainer.step(frames, flow, theta1, theta2)  # NCHW float32; thetas (B, 2, 3)
+
+The formulas here are the one torch reference of the parity tests (tests/test_losses.py, test_ridge.py, test_ema.py,
+test_train_step.py).
 """
+
+from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
+from flowfeat_jax import settings
 from flowfeat_jax.torch_ref.flowfeat import TorchFlowFeat
 
 STANDARDIZE_EPS = 1e-5
@@ -28,23 +37,22 @@ STANDARDIZE_EPS = 1e-5
 
 @dataclasses.dataclass(frozen=True)
 class TorchStepConfig:
-    """Released constants (config/ytvos.yaml; names as train/step.py StepConfig and config.train)."""
+    """The settings of the torch step: the same dataclasses as train/step.py StepConfig, plus AdamW's (config.train)."""
 
-    input_size: int = 224
-    lr: float = 1e-4
-    b1: float = 0.9
-    b2: float = 0.999
-    weight_decay: float = 0.0
-    norm_flow: bool = True
-    flow_weight: float = 0.1
-    grad_weight: float = 1.0
-    sigma: float = 0.1
-    ridge_alpha: float = 0.1
-    ema_beta: float = 0.999
-    ema_update_after_step: int = 1
-    ema_update_every: int = 5
-    ema_power: float = 2.0 / 3.0
-    ema_inv_gamma: float = 1.0
+    input_size: int
+    adamw: settings.AdamWConfig
+    loss: settings.LossConfig
+    ema: settings.EmaConfig
+
+    @classmethod
+    def from_sections(cls, train: Mapping, loss: Mapping, ema: Mapping) -> TorchStepConfig:
+        """From the config sections `train` (crop side and optimiser fields), `loss` and `ema` (whole)."""
+        return cls(
+            input_size=train["input_size"],
+            adamw=settings.from_section(settings.AdamWConfig, train),
+            loss=settings.LossConfig(**loss),
+            ema=settings.EmaConfig(**ema),
+        )
 
 
 def standardize_flow(flow: torch.Tensor) -> torch.Tensor:
@@ -69,31 +77,44 @@ def _with_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones_like(x[..., :1])], -1)
 
 
+def ridge_solve(flow: torch.Tensor, teacher: torch.Tensor, alpha: float) -> torch.Tensor:
+    """model.py `forward_flow`, its map: A = lstsq(X̃ᵀX̃/N + αI, X̃ᵀU/N), X̃ the teacher features with a ones column.
+
+    flow (B, c, H, W), teacher features (B, d, H, W) -> A (B, d+1, c), f32 (also under autocast).
+    """
+    with torch.autocast(teacher.device.type, enabled=False):  # the Gram matrix and its solve stay f32 under autocast
+        target = _pixels(flow.float())
+        x = _with_ones(_pixels(teacher.float()))
+        lhs = x.transpose(-1, -2) @ x / x.shape[1]
+        lhs = lhs + alpha * torch.eye(x.shape[-1], dtype=lhs.dtype, device=lhs.device)[None]
+        rhs = x.transpose(-1, -2) @ target / x.shape[1]
+        return torch.linalg.lstsq(lhs, rhs).solution
+
+
+def ridge_predict(student: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """model.py `forward_flow`, its prediction X̃_student A: (B, d, H, W), A (B, d+1, c) -> (B, c, H, W), f32."""
+    batch, _, height, width = student.shape
+    with torch.autocast(student.device.type, enabled=False):
+        pred = _with_ones(_pixels(student.float())) @ coef
+    return pred.movedim(1, -1).reshape(batch, -1, height, width)
+
+
 def ridge_flow(flow: torch.Tensor, teacher: torch.Tensor, student: torch.Tensor, alpha: float) -> torch.Tensor:
-    """model.py `forward_flow`: A = lstsq(X̃ᵀX̃/N + αI, X̃ᵀU/N) on the teacher features, prediction X̃_student A.
+    """model.py `forward_flow`: the ridge map from the teacher features to `flow`, applied to the student features.
 
     flow (B, c, H, W), teacher / student features (B, d, H, W) -> predicted flow (B, c, H, W).
     """
-    batch, _, height, width = student.shape
-    with torch.autocast(student.device.type, enabled=False):  # the Gram matrix and its solve stay f32 under autocast
-        return _ridge_flow_f32(flow.float(), teacher.float(), student.float(), alpha, (batch, height, width))
-
-
-def _ridge_flow_f32(flow, teacher, student, alpha, shape):
-    batch, height, width = shape
-    target = _pixels(flow)
-    x = _with_ones(_pixels(teacher))
-    lhs = x.transpose(-1, -2) @ x / x.shape[1]
-    lhs = lhs + alpha * torch.eye(x.shape[-1], dtype=lhs.dtype, device=lhs.device)[None]
-    rhs = x.transpose(-1, -2) @ target / x.shape[1]
-    coef = torch.linalg.lstsq(lhs, rhs).solution
-    pred = _with_ones(_pixels(student)) @ coef
-    return pred.movedim(1, -1).reshape(batch, -1, height, width)
+    return ridge_predict(student, ridge_solve(flow, teacher, alpha))
 
 
 def flow_l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """model.py `flow_l1`: mean over pixels of the channel-summed absolute error."""
     return (pred - target).abs().sum(1).mean()
+
+
+def flow_l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """model.py `flow_l2` (the "L2" ablation): F.mse_loss, the mean over all elements."""
+    return F.mse_loss(pred, target)
 
 
 def focal_gradient_loss(pred: torch.Tensor, target: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -114,36 +135,51 @@ def focal_gradient_loss(pred: torch.Tensor, target: torch.Tensor, sigma: float) 
     return axis_term(grad_x(pred), grad_x(target)) + axis_term(grad_y(pred), grad_y(target))
 
 
-class EmaTeacher:
-    """util/ema_pytorch.py `EMA` schedule: on call k = 1 copy; then every `update_every` calls copy while
-    k - 1 <= update_after_step, else lerp with decay clip(1 - (1 + epoch/inv_gamma)^-power, 0, beta)."""
+def flow_objective(cfg: settings.LossConfig, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Eq. 7 as model.py FlowFeatTrain.forward: grad_weight * L_grad + flow_weight * L_flow (L1, or the L2 ablation)."""
+    flow_term = flow_l1_loss(pred, target) if cfg.flow == "l1" else flow_l2_loss(pred, target)
+    grad_term = focal_gradient_loss(pred, target, cfg.sigma)
+    return {"loss": cfg.grad_weight * grad_term + cfg.flow_weight * flow_term, "flow_loss": flow_term,
+            "grad_loss": grad_term}
 
-    def __init__(self, online: torch.nn.Module, cfg: TorchStepConfig):
+
+class EmaTeacher:
+    """util/ema_pytorch.py `EMA.update()` transcribed, with its step counter and `initted` flag: the first call
+    copies the online weights; afterwards a call whose step (calls before it) is a multiple of `update_every` copies
+    while step <= update_after_step, else lerps with `decay()` (not at all when beta = 1: ema_pytorch's frozen EMA);
+    every other call leaves the EMA as it is."""
+
+    def __init__(self, online: torch.nn.Module, cfg: settings.EmaConfig):
         self.model = copy.deepcopy(online).requires_grad_(False)
         self.cfg = cfg
-        self.calls = 0
+        self.step, self.initted = 0, False
 
     def decay(self) -> float:
-        epoch = max(self.calls - self.cfg.ema_update_after_step - 1, 0)
+        """ema_pytorch `get_current_decay` (min_value 0): clip(1 - (1 + epoch/inv_gamma)^-power, 0, beta) with
+        epoch = step - update_after_step - 1, 0 while epoch <= 0."""
+        epoch = max(self.step - self.cfg.update_after_step - 1, 0)
         if epoch == 0:
             return 0.0
-        value = 1.0 - (1.0 + epoch / self.cfg.ema_inv_gamma) ** (-self.cfg.ema_power)
-        return min(max(value, 0.0), self.cfg.ema_beta)
+        value = 1.0 - (1.0 + epoch / self.cfg.inv_gamma) ** (-self.cfg.power)
+        return min(max(value, 0.0), self.cfg.beta)
 
     @torch.no_grad()
-    def update(self, online: torch.nn.Module) -> None:
-        self.calls += 1
-        k, cfg = self.calls, self.cfg
-        if k != 1 and (k - 1) % cfg.ema_update_every:
-            return
+    def update(self, online: torch.nn.Module) -> float:
+        """One call; returns the decay it used: 0.0 on a copy, 1.0 when it left the EMA unchanged (as train/ema.py)."""
+        step, cfg = self.step, self.cfg
+        self.step += 1
         pairs = list(zip(self.model.parameters(), online.parameters()))
-        if k == 1 or k - 1 <= cfg.ema_update_after_step:
+        if not self.initted or (step % cfg.update_every == 0 and step <= cfg.update_after_step):
+            self.initted = True
             for ema, param in pairs:
                 ema.copy_(param)
-            return
-        weight = 1.0 - self.decay()
+            return 0.0
+        if step % cfg.update_every or cfg.beta == 1.0:
+            return 1.0
+        decay = self.decay()
         for ema, param in pairs:
-            ema.lerp_(param, weight)
+            ema.lerp_(param, 1.0 - decay)
+        return decay
 
 
 class TorchFlowFeatTrainer:
@@ -153,30 +189,30 @@ class TorchFlowFeatTrainer:
         self.model, self.cfg = model, cfg
         model.encoder.requires_grad_(False).eval()
         model.decoder.train()
+        adamw = cfg.adamw
         self.optimizer = torch.optim.AdamW(
-            model.decoder.parameters(), lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=1e-8, weight_decay=cfg.weight_decay
+            model.decoder.parameters(), lr=adamw.lr, betas=(adamw.b1, adamw.b2), eps=1e-8,
+            weight_decay=adamw.weight_decay,
         )
-        self.ema = EmaTeacher(model.decoder, cfg)
+        self.ema = EmaTeacher(model.decoder, cfg.ema)
 
     def losses(self, frames: torch.Tensor, flow: torch.Tensor, theta1: torch.Tensor, theta2: torch.Tensor) -> dict:
         """The objective of one batch: frames (B, 3, S, S) ImageNet-normalised, flow (B, 2, F, F) in normalised
         units, thetas (B, 2, 3). Returns {"loss", "flow_loss", "grad_loss"} (differentiable w.r.t. the decoder)."""
         cfg, model = self.cfg, self.model
         hw = (cfg.input_size, cfg.input_size)
-        if cfg.norm_flow:
+        if cfg.loss.norm_flow:
             flow = standardize_flow(flow)
         crop1, crop2 = crop_view(frames, theta1, cfg.input_size), crop_view(frames, theta2, cfg.input_size)
         flow1, flow2 = crop_view(flow, theta1, cfg.input_size), crop_view(flow, theta2, cfg.input_size)
         hooks = model.cfg.hooks
         with torch.no_grad():
-            teacher = self.ema.model(model.encoder(crop1, hooks), hw)
+            # ema.enabled False: the teacher is the online decoder, without gradient (train/step.py).
+            teacher = (self.ema.model if cfg.ema.enabled else model.decoder)(model.encoder(crop1, hooks), hw)
             hooked2 = model.encoder(crop2, hooks)
         student = model.decoder(hooked2, hw)
-        pred = ridge_flow(flow1, teacher, student, cfg.ridge_alpha)
-        flow_term = flow_l1_loss(pred, flow2)
-        grad_term = focal_gradient_loss(pred, flow2, cfg.sigma)
-        return {"loss": cfg.grad_weight * grad_term + cfg.flow_weight * flow_term, "flow_loss": flow_term,
-                "grad_loss": grad_term}
+        pred = ridge_flow(flow1, teacher, student, cfg.loss.ridge_alpha)
+        return flow_objective(cfg.loss, pred, flow2)
 
     def step(self, frames: torch.Tensor, flow: torch.Tensor, theta1: torch.Tensor, theta2: torch.Tensor) -> dict:
         """One optimiser step (loss, backward, AdamW, EMA update); returns the detached loss terms."""

@@ -99,22 +99,8 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict, random_decoder: bool) -
 
 
 def step_config(config: ml_collections.ConfigDict) -> step_lib.StepConfig:
-    return step_lib.StepConfig(
-        input_size=config.train.input_size,
-        crop_scale=tuple(config.train.crop_scale),
-        norm_flow=config.loss.norm_flow,
-        flow_loss=config.loss.flow,
-        flow_weight=config.loss.flow_weight,
-        grad_weight=config.loss.grad_weight,
-        sigma=config.loss.sigma,
-        ridge_alpha=config.loss.ridge_alpha,
-        ema_enabled=config.ema.enabled,
-        ema_beta=config.ema.beta,
-        ema_update_after_step=config.ema.update_after_step,
-        ema_update_every=config.ema.update_every,
-        ema_power=config.ema.power,
-        ema_inv_gamma=config.ema.inv_gamma,
-    )
+    """The train step's settings: config.train's crop fields and the whole config.loss and config.ema sections."""
+    return step_lib.StepConfig.from_sections(config.train, config.loss, config.ema)
 
 
 def init_train_state(decoder_params: Any, tx: optax.GradientTransformation, seed: int) -> step_lib.TrainState:

@@ -13,7 +13,7 @@ jit, no host round trip) and is counted.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.nnx as nnx
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flowfeat_jax import settings
 from flowfeat_jax.models import ops
 from flowfeat_jax.train import crops, ema, losses, ridge
 
@@ -48,20 +49,18 @@ class TrainState:
 class StepConfig:
     """Static settings of the train step (recipe.md steps 2-8 and the paper's ablation switches)."""
 
-    input_size: int = 224  # side of each crop fed to the encoder
-    crop_scale: tuple[float, float] = (0.5, 0.75)
-    norm_flow: bool = True
-    flow_loss: str = "l1"  # 'l1' (released) | 'l2' (ablation)
-    flow_weight: float = 0.1  # lambda of L_flow
-    grad_weight: float = 1.0  # weight of the focal gradient loss
-    sigma: float = 0.1  # focal gradient loss sigma
-    ridge_alpha: float = 0.1
-    ema_enabled: bool = True  # False: the teacher is the (stop-gradient) online decoder
-    ema_beta: float = 0.999
-    ema_update_after_step: int = 1
-    ema_update_every: int = 5
-    ema_power: float = 2.0 / 3.0
-    ema_inv_gamma: float = 1.0
+    crop: settings.CropConfig
+    loss: settings.LossConfig
+    ema: settings.EmaConfig
+
+    @classmethod
+    def from_sections(cls, train: Mapping, loss: Mapping, ema: Mapping) -> StepConfig:
+        """From the config sections `train` (its crop fields), `loss` and `ema` (whole; flowfeat_jax/settings.py)."""
+        return cls(
+            crop=settings.from_section(settings.CropConfig, train),
+            loss=settings.LossConfig(**loss),
+            ema=settings.EmaConfig(**ema),
+        )
 
 
 def normalize_images(frames_uint8: jax.Array) -> jax.Array:
@@ -70,12 +69,21 @@ def normalize_images(frames_uint8: jax.Array) -> jax.Array:
     return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
-def flow_objective(cfg: StepConfig, pred: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
-    """Recipe.md step 6: total = grad_weight * L_grad + flow_weight * L_flow (model.py FlowFeatTrain.forward)."""
-    flow_term = losses.flow_l1_loss(pred, target) if cfg.flow_loss == "l1" else losses.flow_l2_loss(pred, target)
+def flow_objective(cfg: settings.LossConfig, pred: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
+    """Eq. 7, recipe.md step 6: total = grad_weight * L_grad + flow_weight * L_flow (model.py FlowFeatTrain.forward)."""
+    flow_term = losses.flow_l1_loss(pred, target) if cfg.flow == "l1" else losses.flow_l2_loss(pred, target)
     grad_term = losses.focal_gradient_loss(pred, target, cfg.sigma)
     total = cfg.grad_weight * grad_term + cfg.flow_weight * flow_term
     return {"loss": total, "flow_loss": flow_term, "grad_loss": grad_term}
+
+
+def step_crops(state: TrainState, batch_size: int, frame_side: int, crop_scale) -> tuple[jax.Array, jax.Array]:
+    """The two crop thetas (B, 2, 3) of the step at `state.step`: keys split from fold_in(state.rng, state.step)."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    key_crop1, key_crop2 = jax.random.split(rng)
+    theta1 = crops.sample_crop_params(key_crop1, batch_size, crop_scale, image_size=frame_side)
+    theta2 = crops.sample_crop_params(key_crop2, batch_size, crop_scale, image_size=frame_side)
+    return theta1, theta2
 
 
 def make_train_step(
@@ -85,25 +93,22 @@ def make_train_step(
 
     The returned function is not jitted; `jit_train_step` does that with the state donated.
     """
-    if cfg.flow_loss not in ("l1", "l2"):
-        raise ValueError(f"loss.flow must be 'l1' or 'l2', got {cfg.flow_loss!r}")
-    if cfg.input_size % 2:
-        raise ValueError(f"train.input_size must be even, got {cfg.input_size}")
+    if cfg.loss.flow not in ("l1", "l2"):
+        raise ValueError(f"loss.flow must be 'l1' or 'l2', got {cfg.loss.flow!r}")
+    if cfg.crop.input_size % 2:
+        raise ValueError(f"train.input_size must be even, got {cfg.crop.input_size}")
 
     def model_with(encoder_params, decoder_params):
         return nnx.merge(graphdef, {"encoder": encoder_params, "decoder": decoder_params})
 
     def train_step(state: TrainState, batch: dict, encoder_params: PyTree) -> tuple[TrainState, dict]:
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        key_crop1, key_crop2 = jax.random.split(rng)
         frames = normalize_images(batch["frame"])
         flow = batch["flow"].astype(jnp.float32)
-        if cfg.norm_flow:
+        if cfg.loss.norm_flow:
             flow = losses.standardize_flow(flow)
         batch_size, frame_side = frames.shape[0], frames.shape[1]
-        out_hw = (cfg.input_size, cfg.input_size)
-        theta1 = crops.sample_crop_params(key_crop1, batch_size, cfg.crop_scale, image_size=frame_side)
-        theta2 = crops.sample_crop_params(key_crop2, batch_size, cfg.crop_scale, image_size=frame_side)
+        out_hw = (cfg.crop.input_size, cfg.crop.input_size)
+        theta1, theta2 = step_crops(state, batch_size, frame_side, cfg.crop.crop_scale)
         crop1, crop2 = crops.affine_crop(frames, theta1, out_hw), crops.affine_crop(frames, theta2, out_hw)
         flow1, flow2 = crops.affine_crop(flow, theta1, out_hw), crops.affine_crop(flow, theta2, out_hw)
 
@@ -111,17 +116,17 @@ def make_train_step(
         encoded = model_with(encoder_params, state.params).encode(jnp.concatenate([crop1, crop2]))
         hooked1 = [h[:batch_size] for h in encoded.hooked]
         hooked2 = [h[batch_size:] for h in encoded.hooked]
-        teacher_params = state.ema_params if cfg.ema_enabled else state.params
+        teacher_params = state.ema_params if cfg.ema.enabled else state.params
         teacher = jax.lax.stop_gradient(model_with(encoder_params, teacher_params).decoder(hooked1, out_hw))
         # The ridge map depends only on the teacher, so it is solved once outside the differentiated function.
-        coef = ridge.ridge_solve(teacher, flow1, cfg.ridge_alpha)
+        coef = ridge.ridge_solve(teacher, flow1, cfg.loss.ridge_alpha)
         # On CPU the student pass starts once the ridge is solved (ops.run_after says why).
         hooked2 = ops.run_after(hooked2, coef)
 
         def loss_fn(params):
             student = model_with(encoder_params, params).decoder(hooked2, out_hw)
             pred = ridge.ridge_predict(student, coef)
-            terms = flow_objective(cfg, pred, flow2)
+            terms = flow_objective(cfg.loss, pred, flow2)
             return terms["loss"], terms
 
         (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -132,11 +137,11 @@ def make_train_step(
             state.ema_params,
             params,
             state.step + 1,
-            beta=cfg.ema_beta,
-            update_after_step=cfg.ema_update_after_step,
-            update_every=cfg.ema_update_every,
-            power=cfg.ema_power,
-            inv_gamma=cfg.ema_inv_gamma,
+            beta=cfg.ema.beta,
+            update_after_step=cfg.ema.update_after_step,
+            update_every=cfg.ema.update_every,
+            power=cfg.ema.power,
+            inv_gamma=cfg.ema.inv_gamma,
         )
 
         # What would be written decides: a finite gradient can still give a non-finite update (lr = nan, overflow).
@@ -152,7 +157,7 @@ def make_train_step(
         )
         # The schedule's decay at this step (what a lerp would use now), not the 1.0 of steps that skip the update.
         schedule_decay = ema.ema_decay(
-            state.step + 1, cfg.ema_beta, cfg.ema_power, cfg.ema_inv_gamma, update_after_step=cfg.ema_update_after_step
+            state.step + 1, cfg.ema.beta, cfg.ema.power, cfg.ema.inv_gamma, update_after_step=cfg.ema.update_after_step
         )
         metrics = dict(terms, grad_norm=grad_norm, ema_decay=schedule_decay, ema_updated=decay < 1.0, finite=finite)
         return new_state, metrics
