@@ -34,7 +34,7 @@ def get_config():
 
     c.probe = dict(num_heads=8, with_norm=False, downscale=4)  # reference probes/attention.py, keys pooled by 4
 
-    c.train.steps = 100_000
+    c.train.num_steps = 100_000
     c.train.batch_size = 32
     c.train.lr = 1e-4
     c.train.weight_decay = 1e-3

@@ -29,7 +29,7 @@ def get_config():
         num_bins=256, num_queries=128, embed_dim=128, num_heads=4, token_stride=16, min_depth=1e-3, max_depth=10.0
     )
     c.loss = dict(silog_weight=1.0, grad_weight=1.0)
-    c.train.steps = 100_000
+    c.train.num_steps = 100_000
     c.train.batch_size = 16
     c.train.lr = 1e-4
     c.train.weight_decay = 1e-5

@@ -54,7 +54,7 @@ def test_cocostuff_probe_holds_the_paper_settings():
     config = load_config("probe_cocostuff")
     assert (config.data.eval_crop, config.data.input_size) == (256, 0)  # 256 crops; network side from the patch
     assert (config.train.lr, config.train.weight_decay) == (1e-4, 1e-3)
-    assert (config.train.batch_size, config.train.steps) == (32, 100_000)
+    assert (config.train.batch_size, config.train.num_steps) == (32, 100_000)
     assert config.pamr.enabled and (config.pamr.kernel, config.pamr.size) == ("dense", 11)
     assert (config.pamr.scale, config.pamr.num_iter) == (0.1, 10)
     assert config.probe.downscale == 4 and config.features.decoder == "online"
@@ -64,8 +64,19 @@ def test_nyu_probe_holds_the_paper_settings():
     config = load_config("probe_nyu")
     assert (config.data.eval_crop, config.data.input_size) == (480, 0)
     assert (config.train.lr, config.train.weight_decay) == (1e-4, 1e-5)
-    assert (config.train.batch_size, config.train.steps) == (16, 100_000)
+    assert (config.train.batch_size, config.train.num_steps) == (16, 100_000)
     assert config.probe.num_bins == 256 and config.features.decoder == "online"
+
+
+def test_probe_configs_use_the_train_config_names():
+    """train.num_steps as in the train configs; the old train.steps is an error, in a config file or an override."""
+    probe, train = load_config("probe_nyu"), load_config("demo")
+    shared = {"num_steps", "batch_size", "lr", "weight_decay", "log_every", "checkpoint_every", "keep_checkpoints"}
+    assert shared <= set(probe.train) and shared <= set(train.train)
+    with pytest.raises(AttributeError, match="steps"):
+        probe.train.steps = 10
+    with pytest.raises(KeyError):
+        probe.update_from_flattened_dict({"train.steps": 10})
 
 
 def test_main_exports_with_the_configs_teacher_and_iterations(tmp_path, monkeypatch):

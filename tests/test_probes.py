@@ -356,7 +356,7 @@ def test_batches_resume_sequence():
 TINY = {
     "model.encoder_size.patch_size": 8, "model.encoder_size.hidden_size": 32, "model.encoder_size.num_layers": 4,
     "model.encoder_size.num_heads": 2, "model.encoder_size.mlp_dim": 64, "model.features": 16, "data.input_size": 32,
-    "train.steps": 3, "train.batch_size": 2, "train.log_every": 1, "train.checkpoint_every": 2, "eval.batch_size": 2,
+    "train.num_steps": 3, "train.batch_size": 2, "train.log_every": 1, "train.checkpoint_every": 2, "eval.batch_size": 2,
     "eval.num_pictures": 2, "data.num_workers": 2,
 }
 TINY_MODEL = [f"--config.{key}={value}" for key, value in TINY.items()]
@@ -427,7 +427,7 @@ def test_nyu_tfds_probe_run_mocked(tmp_path):
     config = _load_config("configs/probe_nyu.py")
     config.update_from_flattened_dict(TINY)
     config.features.which = "flowfeat"
-    config.train.steps = 2
+    config.train.num_steps = 2
     config.probe.update(num_bins=16, num_queries=8, embed_dim=16, token_stride=8)
     with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
         metrics = run_lib.run(config, tmp_path)

@@ -14,6 +14,7 @@ A YouTube-VOS root exports its 30-fps `train_all_frames/JPEGImages` (what the re
 """
 
 import argparse
+import dataclasses
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -21,6 +22,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from flowfeat_jax import cli  # noqa: E402
 from flowfeat_jax.data import export, videos  # noqa: E402
 from flowfeat_jax.flow import methods  # noqa: E402
+
+DEFAULTS = export.ExportConfig()  # the flags' defaults
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,41 +37,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="DAVIS ImageSets or YouTube-VOS split (or PATH:split); YouTube-VOS: train_all_frames "
                              "(default, the 30-fps frames the reference trains on), train (6 fps)")
     parser.add_argument("--out", required=True, help="output directory (ArrayRecord shards + manifest.json)")
-    parser.add_argument("--method", default="searaft", choices=methods.METHODS,
+    parser.add_argument("--method", default=DEFAULTS.method, choices=methods.METHODS,
                         help="flow teacher (dis: OpenCV, no weights)")
-    parser.add_argument("--checkpoint", default=None, help="flow network weights (searaft, raft)")
-    parser.add_argument("--iters", type=int, default=None, help="refinement iterations (default: SEA-RAFT 4, RAFT 20)")
-    parser.add_argument("--gap", type=int, default=2, help="partners t +- 1..gap")
-    parser.add_argument("--frame-size", type=int, default=448, help="stored square frame side (short side, centre crop)")
-    parser.add_argument("--flow-size", type=int, default=224, help="side at which the flow is computed")
-    parser.add_argument("--jpeg-quality", type=int, default=95, help="quality of the stored frames")
-    parser.add_argument("--min-frames", type=int, default=10, help="skip (and count) shorter videos")
-    parser.add_argument("--device", default="cpu", help="torch device of a flow network: cpu | cuda")
-    parser.add_argument("--batch-size", type=int, default=16, help="pairs per flow-network call")
-    parser.add_argument("--videos-per-shard", type=int, default=32, help="videos per ArrayRecord shard")
-    parser.add_argument("--num-shards", type=int, default=1, help="number of exporter workers")
-    parser.add_argument("--shard-index", type=int, default=0, help="this worker")
+    parser.add_argument("--checkpoint", default=DEFAULTS.checkpoint, help="flow network weights (searaft, raft)")
+    parser.add_argument("--iters", type=int, default=DEFAULTS.iters,
+                        help="refinement iterations (default: SEA-RAFT 4, RAFT 20)")
+    parser.add_argument("--gap", type=int, default=DEFAULTS.gap, help="partners t +- 1..gap")
+    parser.add_argument("--frame-size", type=int, default=DEFAULTS.frame_size,
+                        help="stored square frame side (short side, centre crop)")
+    parser.add_argument("--flow-size", type=int, default=DEFAULTS.flow_size, help="side at which the flow is computed")
+    parser.add_argument("--jpeg-quality", type=int, default=DEFAULTS.jpeg_quality, help="quality of the stored frames")
+    parser.add_argument("--min-frames", type=int, default=DEFAULTS.min_frames, help="skip (and count) shorter videos")
+    parser.add_argument("--device", default=DEFAULTS.device, help="torch device of a flow network: cpu | cuda")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="pairs per flow-network call")
+    parser.add_argument("--videos-per-shard", type=int, default=DEFAULTS.videos_per_shard,
+                        help="videos per ArrayRecord shard")
+    parser.add_argument("--num-shards", type=int, default=DEFAULTS.num_shards, help="number of exporter workers")
+    parser.add_argument("--shard-index", type=int, default=DEFAULTS.shard_index, help="this worker")
     parser.add_argument("--overwrite", action="store_true", help="replace an export made with other parameters")
     parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
     return parser.parse_args(argv)
 
 
 def run_export(args: argparse.Namespace) -> None:
-    cfg = export.ExportConfig(
-        method=args.method,
-        checkpoint=args.checkpoint,
-        iters=args.iters,
-        gap=args.gap,
-        frame_size=args.frame_size,
-        flow_size=args.flow_size,
-        jpeg_quality=args.jpeg_quality,
-        min_frames=args.min_frames,
-        device=args.device,
-        batch_size=args.batch_size,
-        videos_per_shard=args.videos_per_shard,
-        num_shards=args.num_shards,
-        shard_index=args.shard_index,
-    )
+    # Each ExportConfig field is the flag of its name (--frame-size -> frame_size).
+    cfg = export.ExportConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(export.ExportConfig)})
     manifest = export.export_flows(args.videos, args.out, cfg, split=args.split, overwrite=args.overwrite)
     print(
         f"exported {manifest['num_videos']} videos, {manifest['num_frames']} frames, {manifest['num_pairs']} pairs "

@@ -15,13 +15,15 @@ resumed gives the same records as an uninterrupted one. An output directory expo
 refused unless ``overwrite``. Worker I of N takes videos I, I + N, ... of the sorted list.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import hashlib
 import io
 import json
 import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import tqdm
@@ -49,6 +51,13 @@ class ExportConfig:
     videos_per_shard: int = 32
     num_shards: int = 1  # exporter workers
     shard_index: int = 0  # this worker
+
+    @classmethod
+    def from_data_config(cls, data: Mapping) -> ExportConfig:
+        """The export a training config's `data` section asks for (main exports `data.videos` on the fly): the
+        fields of RUN_FIELDS under their own names, '' and 0 there meaning unset (None here: the method's default)."""
+        values = {name: data[name] for name in RUN_FIELDS}
+        return cls(**{**values, "checkpoint": values["checkpoint"] or None, "iters": values["iters"] or None})
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
@@ -108,6 +117,8 @@ def _export_params(cfg: ExportConfig, checkpoint_sha256: str | None, video_list:
 
 # Fields of an export's `params` that a run may ask for, with the ExportConfig field holding the requested value.
 REQUESTABLE_PARAMS = ("method", "iters", "gap", "frame_size", "flow_size", "jpeg_quality")
+# The ExportConfig fields a training config sets, as data.<field> (the checkpoint is compared by its hash).
+RUN_FIELDS = (*REQUESTABLE_PARAMS, "checkpoint")
 
 
 def export_mismatches(

@@ -44,7 +44,7 @@ def base_probe_config() -> ml_collections.ConfigDict:
     c.pamr.scale = 0.1  # affinity |x_i - x_j| / (scale * local std), PAMR's fixed factor
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 100_000  # the paper's probes: up to 100k iterations
+    c.train.num_steps = 100_000  # the paper's probes: up to 100k iterations (train configs: the same name)
     c.train.batch_size = 16
     # Adam with L2 weight decay (torch Adam weight_decay) at a constant lr, as the paper's probes.
     c.train.lr = 1e-4
@@ -52,6 +52,8 @@ def base_probe_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 2
+    # Names as in the train configs; a config file setting another one (the old `train.steps`) fails here.
+    c.train.lock()
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 8

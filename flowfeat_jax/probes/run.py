@@ -261,7 +261,7 @@ def _picture(config, batch, out, b) -> np.ndarray:
 
 # --- driver -------------------------------------------------------------------------------------------------------
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Train (or resume) the probe to `train.steps`, evaluate, write metrics.json; returns the metrics."""
+    """Train (or resume) the probe to `train.num_steps`, evaluate, write metrics.json; returns the metrics."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -296,13 +296,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     stream = data_lib.batches(load_train, num_train, config.train.batch_size, seed=config.seed, start_batch=start,
                               num_workers=config.data.num_workers)
     params, opt_state = state["params"], state["opt_state"]
-    bar = progress(range(start, config.train.steps), initial=start, total=config.train.steps, desc="probe", unit="step")
+    bar = progress(range(start, config.train.num_steps), initial=start, total=config.train.num_steps, desc="probe",
+                   unit="step")
     tick, tick_step = time.perf_counter(), start
     for step in bar:
         batch = {k: v for k, v in next(stream).items() if k != "index"}
         params, opt_state, loss = train_step(params, opt_state, model_params, batch)
         done = step + 1
-        if done % config.train.log_every == 0 or done == config.train.steps:
+        if done % config.train.log_every == 0 or done == config.train.num_steps:
             loss = float(loss)
             if not np.isfinite(loss):
                 checkpointer.close()
@@ -314,7 +315,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
             with (workdir / "train_log.jsonl").open("a") as log:
                 log.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['img_per_s']:.1f}")
-        if done % config.train.checkpoint_every == 0 or done == config.train.steps:
+        if done % config.train.checkpoint_every == 0 or done == config.train.num_steps:
             state = {"step": jnp.asarray(done, jnp.int32), "params": params, "opt_state": opt_state}
             checkpointer.save(done, state, meta)
     checkpointer.close()
@@ -323,7 +324,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     eval_step = make_eval_step(config, probe_graphdef, extract)
     metrics = evaluate(config, eval_step, params, model_params, num_eval, load_eval, workdir / "pictures")
     metrics.update(task=config.task, features=config.features.which, feature_source=source,
-                   steps=config.train.steps, last_loss=_last_loss(workdir), crop=crop, input_size=input_size)
+                   steps=config.train.num_steps, last_loss=_last_loss(workdir), crop=crop, input_size=input_size)
     (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

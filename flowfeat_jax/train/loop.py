@@ -125,15 +125,7 @@ def ensure_records(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -
     from flowfeat_jax.data import export, records
 
     records_dir = pathlib.Path(data_cfg.records) if data_cfg.records else workdir / "flow"
-    export_cfg = export.ExportConfig(
-        method=data_cfg.method,
-        checkpoint=data_cfg.checkpoint or None,
-        iters=data_cfg.iters or None,
-        gap=data_cfg.gap,
-        frame_size=data_cfg.frame_size,
-        flow_size=data_cfg.flow_size,
-        jpeg_quality=data_cfg.jpeg_quality,
-    )
+    export_cfg = export.ExportConfig.from_data_config(data_cfg)
     try:
         manifests = records.load_manifests(records_dir)
     except FileNotFoundError:
