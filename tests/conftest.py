@@ -1,4 +1,5 @@
-"""Shared test fixtures: f32 matmuls, quiet torch threads, the DAVIS-2016 subset, a TensorBoard event reader."""
+"""Shared test fixtures: f32 matmuls, quiet torch threads, the DAVIS-2016 subset, the one tiny FlowFeat (config, CLI
+flags, a compiled train step shared by the session), a TensorBoard event reader."""
 
 import os
 import pathlib
@@ -7,9 +8,14 @@ import shutil
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import flax.nnx as nnx  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from flowfeat_jax.config import base_config  # noqa: E402
+from flowfeat_jax.train import loop  # noqa: E402
+from flowfeat_jax.train import step as step_lib  # noqa: E402
 
 # Parity tests compare against torch in f32; XLA's default CPU matmul precision is already f32, but make it explicit.
 jax.config.update("jax_default_matmul_precision", "float32")
@@ -53,6 +59,54 @@ def davis_clips(davis_root, tmp_path_factory) -> pathlib.Path:
             shutil.copy(frame, root / name / frame.name)
     (root / "list.txt").write_text("\n".join(CLIP_SEQUENCES) + "\n")
     return root / "list.txt"
+
+
+# The one tiny FlowFeat of every test that builds a whole model from a config: a 4-block width-32 DINOv2-S/14 shape
+# and a width-16 decoder, seconds per train step on two cores.
+TINY_MODEL = {
+    "model.encoder_size.hidden_size": 32,
+    "model.encoder_size.num_layers": 4,
+    "model.encoder_size.num_heads": 2,
+    "model.encoder_size.mlp_dim": 64,
+    "model.features": 16,
+}
+
+
+def config_flags(overrides: dict) -> list[str]:
+    """--config.<key>=<value> command-line flags of flattened config overrides (e.g. TINY_MODEL)."""
+    return [f"--config.{key}={value}" for key, value in overrides.items()]
+
+
+def tiny_config(num_steps=6):
+    """The tiny model on synthetic motion at 56 px crops of 112 px frames, batch 2, a checkpoint every 3 steps."""
+    config = base_config()
+    config.update_from_flattened_dict(TINY_MODEL)
+    config.data.source = "synthetic"
+    config.data.frame_size = 112
+    config.data.flow_size = 56
+    config.train.input_size = 56
+    config.train.batch_size = 2
+    config.train.num_steps = num_steps
+    config.train.log_every = 1
+    config.train.checkpoint_every = 3
+    return config
+
+
+def tiny_train_state(config):
+    """(model, step 0 train state, jitted train step without donation, encoder params) of a config."""
+    model, _ = loop.build_flowfeat(config.model, config.seed)
+    graphdef, model_state = nnx.split(model)
+    pure = nnx.to_pure_dict(model_state)
+    tx = loop.make_optimizer(config.train, config.model.random_decoder)
+    state = loop.init_train_state(pure["decoder"], tx, config.seed)
+    train_step = jax.jit(step_lib.make_train_step(graphdef, tx, loop.step_config(config)))
+    return model, state, train_step, pure["encoder"]
+
+
+@pytest.fixture(scope="session")
+def tiny_step():
+    """tiny_train_state(tiny_config()), compiled once for every test that only reads it (the step donates nothing)."""
+    return tiny_train_state(tiny_config())
 
 
 def save_hf_models(build, kinds, tmp_path_factory) -> dict:

@@ -27,7 +27,7 @@ import pytest
 import torch
 from etils import epath
 from PIL import Image
-from test_train_loop import tiny_config
+from conftest import TINY_MODEL, config_flags, tiny_config
 
 from flowfeat_jax import cli
 from flowfeat_jax.data import export, pipeline, records, synthetic
@@ -952,12 +952,10 @@ def test_real_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or 'not permitted'})")
     try:
-        tiny = [f"--config.{k}={v}" for k, v in (
-            ("model.encoder_size.hidden_size", 32), ("model.encoder_size.num_layers", 4),
-            ("model.encoder_size.num_heads", 2), ("model.encoder_size.mlp_dim", 64), ("model.features", 16),
-            ("data.source", "synthetic"), ("data.frame_size", 112), ("data.flow_size", 56),
-            ("train.input_size", 56), ("train.batch_size", 2), ("train.num_steps", 6), ("train.log_every", 1),
-            ("train.checkpoint_every", 3), ("eval.davis", ""))]
+        tiny = config_flags({
+            **TINY_MODEL, "data.source": "synthetic", "data.frame_size": 112, "data.flow_size": 56,
+            "train.input_size": 56, "train.batch_size": 2, "train.num_steps": 6, "train.log_every": 1,
+            "train.checkpoint_every": 3, "eval.davis": ""})
         command = ["-m", "flowfeat_jax.main", "--config", "configs/demo.py", f"--workdir={disk / 'run'}", *tiny]
         result = run_module(*command)
         assert result.returncode == 1

@@ -10,26 +10,25 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_MODEL
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOL = REPO_ROOT / "tools" / "benchmark.py"
 SIDE_KEYS = {"compile_s", "train_step_ms", "train_img_per_s", "infer_ms", "infer_ms_batch", "peak_mem_mb",
              "flops_per_img", "mfu"}
 TOP_KEYS = {"device", "config", "batch", "size", "dtype", "jax"}
-# A 4-block width-32 DINOv2-S/14 shape at 28 px crops; the hub name exercises the offline random-init replacement.
-TINY_CONFIG = '''
+# The tiny model (conftest.TINY_MODEL) at 28 px crops; the hub name exercises the offline random-init replacement.
+TINY_CONFIG = f'''
 from flowfeat_jax.config import base_config
+
+TINY_MODEL = {TINY_MODEL!r}
 
 
 def get_config():
     c = base_config()
     c.model.encoder = "facebook/dinov2-small"
     c.model.encoder_arch = "dinov2_vits14"
-    c.model.encoder_size.hidden_size = 32
-    c.model.encoder_size.num_layers = 4
-    c.model.encoder_size.num_heads = 2
-    c.model.encoder_size.mlp_dim = 64
-    c.model.features = 16
+    c.update_from_flattened_dict(TINY_MODEL)
     c.data.frame_size = 56
     c.data.flow_size = 28
     c.train.input_size = 28

@@ -2,7 +2,8 @@
 
 import jax.numpy as jnp
 import numpy as np
-from test_train_loop import read_metrics, tiny_config
+from conftest import tiny_config
+from test_train_loop import read_metrics
 
 from flowfeat_jax.train import loop
 

@@ -12,7 +12,7 @@ SCRIPT = """
 import json, sys
 sys.path.insert(0, "tests")
 import jax
-from test_train_loop import tiny_config
+from conftest import tiny_config
 from flowfeat_jax.train import loop
 config = tiny_config(num_steps=3)
 config.train.batch_size = 4

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import TINY_MODEL, config_flags
 from flax import nnx
 from PIL import Image
 
@@ -354,16 +355,15 @@ def test_batches_resume_sequence():
 
 # --- CLI smoke runs (subprocesses, ~30 s each on 2 cores) ------------------------------------------------------
 TINY = {
-    "model.encoder_size.patch_size": 8, "model.encoder_size.hidden_size": 32, "model.encoder_size.num_layers": 4,
-    "model.encoder_size.num_heads": 2, "model.encoder_size.mlp_dim": 64, "model.features": 16, "data.input_size": 32,
+    **TINY_MODEL, "model.encoder_size.patch_size": 8, "data.input_size": 32,
     "train.num_steps": 3, "train.batch_size": 2, "train.log_every": 1, "train.checkpoint_every": 2, "eval.batch_size": 2,
     "eval.num_pictures": 2, "data.num_workers": 2,
 }
-TINY_MODEL = [f"--config.{key}={value}" for key, value in TINY.items()]
+TINY_FLAGS = config_flags(TINY)
 
 
 def _cli(config, workdir, *overrides):
-    cmd = [sys.executable, "-m", "flowfeat_jax.probe", f"--config={config}", f"--workdir={workdir}", *TINY_MODEL,
+    cmd = [sys.executable, "-m", "flowfeat_jax.probe", f"--config={config}", f"--workdir={workdir}", *TINY_FLAGS,
            *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from conftest import TINY_MODEL, config_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
@@ -18,11 +19,7 @@ ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
 TINY = [
     "--config",
     "configs/demo.py",
-    "--config.model.encoder_size.hidden_size=32",
-    "--config.model.encoder_size.num_layers=4",
-    "--config.model.encoder_size.num_heads=2",
-    "--config.model.encoder_size.mlp_dim=64",
-    "--config.model.features=16",
+    *config_flags(TINY_MODEL),
     "--config.data.frame_size=112",
     "--config.data.flow_size=56",
     "--config.train.input_size=56",

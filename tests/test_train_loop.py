@@ -11,35 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import read_tensorboard_events
+from conftest import read_tensorboard_events, tiny_config, tiny_train_state
 
-from flowfeat_jax.config import base_config
 from flowfeat_jax.data import synthetic
 from flowfeat_jax.models import ops
 from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import loop
-from flowfeat_jax.train import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config(num_steps=6):
-    """A 4-block width-32 ViT-S/14 shape at 56 px crops: seconds per run on CPU."""
-    c = base_config()
-    c.model.encoder_size.hidden_size = 32
-    c.model.encoder_size.num_layers = 4
-    c.model.encoder_size.num_heads = 2
-    c.model.encoder_size.mlp_dim = 64
-    c.model.features = 16
-    c.data.source = "synthetic"
-    c.data.frame_size = 112
-    c.data.flow_size = 56
-    c.train.input_size = 56
-    c.train.batch_size = 2
-    c.train.num_steps = num_steps
-    c.train.log_every = 1
-    c.train.checkpoint_every = 3
-    return c
 
 
 def read_metrics(workdir):
@@ -75,7 +54,7 @@ def test_training_reduces_the_objective_on_held_out_batches():
     config = tiny_config()
     config.train.batch_size = 4
     config.train.lr = 1e-3
-    state, train_step, encoder_params = _tiny_state(config)
+    _, state, train_step, encoder_params = tiny_train_state(config)
     held_out = [next(synthetic.synthetic_batches(123, 8, 112, 56, start_step=i)) for i in range(4)]
 
     def objective(s):
@@ -181,19 +160,8 @@ def test_resume_refuses_another_encoder(tmp_path):
         loop.train(other, tmp_path)
 
 
-def _tiny_state(config):
-    model, _ = loop.build_flowfeat(config.model, config.seed)
-    graphdef, model_state = nnx.split(model)
-    pure = nnx.to_pure_dict(model_state)
-    tx = loop.make_optimizer(config.train, config.model.random_decoder)
-    state = loop.init_train_state(pure["decoder"], tx, config.seed)
-    step = jax.jit(step_lib.make_train_step(graphdef, tx, loop.step_config(config)))
-    return state, step, pure["encoder"]
-
-
-def test_nonfinite_batch_leaves_state_unchanged():
-    config = tiny_config()
-    state, train_step, encoder_params = _tiny_state(config)
+def test_nonfinite_batch_leaves_state_unchanged(tiny_step):
+    _, state, train_step, encoder_params = tiny_step
     batch = next(synthetic.synthetic_batches(0, 2, 112, 56))
     batch["flow"][0, 3, 4, 0] = np.nan
     before = ckpt_lib.tree_digest((state.params, state.ema_params, state.opt_state))
@@ -208,7 +176,7 @@ def test_nonfinite_batch_leaves_state_unchanged():
 def test_random_decoder_ablation_keeps_decoder():
     config = tiny_config()
     config.model.random_decoder = True
-    state, train_step, encoder_params = _tiny_state(config)
+    _, state, train_step, encoder_params = tiny_train_state(config)
     before = ckpt_lib.tree_digest(state.params)
     batch = next(synthetic.synthetic_batches(0, 2, 112, 56))
     new_state, metrics = train_step(state, batch, encoder_params)
@@ -216,15 +184,15 @@ def test_random_decoder_ablation_keeps_decoder():
     assert bool(metrics["finite"])
 
 
-def test_ema_disabled_teacher_is_student_and_loss_changes():
+def test_ema_disabled_teacher_is_student_and_loss_changes(tiny_step):
     config = tiny_config()
     batch = next(synthetic.synthetic_batches(0, 2, 112, 56))
-    state, train_step, encoder_params = _tiny_state(config)
+    _, state, train_step, encoder_params = tiny_step
     # Make the EMA differ from the online decoder so the switch is observable in the loss.
     state = state.replace(ema_params=jax.tree.map(lambda x: x * 0.5, state.ema_params))
     _, with_ema = train_step(state, batch, encoder_params)
     config.ema.enabled = False
-    _, step_no_ema, _ = _tiny_state(config)
+    _, _, step_no_ema, _ = tiny_train_state(config)
     _, without_ema = step_no_ema(state, batch, encoder_params)
     assert float(with_ema["loss"]) != float(without_ema["loss"])
 
