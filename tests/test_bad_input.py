@@ -193,6 +193,7 @@ def test_main_missing_config_file(tmp_path):
     assert_one_line(result.stderr, "flowfeat_jax.main", "configs/no_such.py", "No such file")
 
 
+@pytest.mark.slow
 def test_disk_full_on_checkpoint_write_keeps_earlier_checkpoints(disk_full_run):
     workdir, status, stderr, before = disk_full_run
     assert status == 1
@@ -610,6 +611,7 @@ def test_floating_point_frames_are_refused(tmp_path, capsys):
 
 
 # Class 5: non-finite updates never reach the state, and a non-finite state never a checkpoint.
+@pytest.mark.slow
 def test_a_nan_update_with_a_finite_gradient_is_discarded():
     config = tiny_config()
     model, _ = loop.build_flowfeat(config.model, config.seed)
@@ -709,6 +711,7 @@ def test_eval_short_side_below_two_patches_is_refused_before_training(tmp_path):
 
 
 # Class 9: a final validation that did not complete runs on the next invocation.
+@pytest.mark.slow
 def test_an_unfinished_final_validation_runs_on_the_next_invocation(tmp_path):
     config = tiny_config(num_steps=3)
     config.eval.davis = str(DEMO_CLIP)
@@ -752,6 +755,7 @@ def test_resume_with_a_changed_trajectory_setting_is_refused(disk_full_run, tmp_
     assert file_hashes(workdir) == before  # config.json included
 
 
+@pytest.mark.slow
 def test_resume_with_allowed_changes_keeps_the_config_history(disk_full_run, tmp_path, capsys):
     workdir = copy_run(disk_full_run[0], tmp_path / "run")
     old_config = (workdir / "config.json").read_text()
@@ -797,6 +801,7 @@ def exported_run(disk_full_run, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["run.pth", "run.safetensors"])
+@pytest.mark.slow
 def test_export_import_round_trip_keeps_heads_and_pos_interp(disk_full_run, exported_run, tmp_path, name):
     from flowfeat_jax.inference import load_flowfeat
     from flowfeat_jax.models import flowfeat as flowfeat_models
@@ -932,6 +937,7 @@ def test_export_flow_bad_sizes_and_nothing_usable(videos, tmp_path, capsys, args
     assert not (tmp_path / "flow").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_flags_are_checked_before_any_work(disk_full_run, tmp_path):
     result = run_module(
         "-m", "flowfeat_jax.evaluate", f"--workdir={disk_full_run[0]}", f"--davis={DEMO_CLIP}", "--split=demo",

@@ -67,6 +67,7 @@ def check_side(side, timed_keys):
     assert side["train_img_per_s"] == pytest.approx(2 / (side["train_step_ms"] / 1e3), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_jax_only_run_writes_the_schema(results):
     result, _ = results
     assert TOP_KEYS <= set(result) and "torch" not in result
@@ -80,6 +81,7 @@ def test_jax_only_run_writes_the_schema(results):
     assert result["jax"]["flops_per_img"] > 2 * result["jax"]["infer_flops_per_img"]
 
 
+@pytest.mark.slow
 def test_torch_side_does_the_same_work(results):
     jax_only, result = results
     assert TOP_KEYS | {"torch"} <= set(result)

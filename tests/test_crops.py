@@ -90,6 +90,7 @@ def test_grid_sample_integer_images_and_bad_shapes():
         crops.affine_grid(jnp.zeros((2, 3)), (4, 4))
 
 
+@pytest.mark.slow
 def test_affine_crop_matches_torch_crop_view():
     """model.py crop_view: one grid for the 448-like frame and the 224-like flow (here 16 and 8)."""
     theta = np.array(crops.sample_crop_params(jax.random.key(3), 4, image_size=16))
@@ -104,6 +105,7 @@ def test_affine_crop_matches_torch_crop_view():
         np.testing.assert_allclose(ours.transpose(0, 3, 1, 2), ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_affine_crop_at_training_size_matches_torch():
     """448² frame → 224² crop with the released sampler. A smooth frame: on white noise, f32 rounding of the sample
     position alone (1 ulp of the 448-pixel coordinate times neighbour differences of ~5) reaches ~2e-4, for torch f32
@@ -192,6 +194,7 @@ def test_sample_crop_params_rejects_bad_arguments():
         crops.sample_crop_params(jax.random.key(0), 0)
 
 
+@pytest.mark.slow
 def test_crops_under_jit():
     sample = jax.jit(crops.sample_crop_params, static_argnums=(1, 2), static_argnames=("image_size",))
     theta = sample(jax.random.key(1), 3, (0.5, 0.75), image_size=32)

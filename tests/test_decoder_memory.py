@@ -49,6 +49,7 @@ def test_bf16_decoder_keeps_bf16_activations():
     assert bf16.get("float32", 0) < 0.02 * total_bf16, bf16
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients_with_fewer_residuals():
     loss, params = _decoder_loss(CFG)
     remat_loss, _ = _decoder_loss(dataclasses.replace(CFG, remat=True))

@@ -41,6 +41,7 @@ def demo_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_demo_exports_trains_checkpoints_scores_and_draws(demo_run):
     manifest = json.loads((demo_run / "flow" / "manifest.json").read_text())
     assert manifest["method"] == "dis" and manifest["num_videos"] == 1 and manifest["num_frames"] == 16
@@ -107,6 +108,7 @@ def test_readme_python_snippets_run_on_the_demo_run_and_its_export(demo_run):
     assert torch_shapes == "torch.Size([1, 96, 16, 30]) torch.Size([1, 64, 224, 420])" and torch_shapes in torch_block
 
 
+@pytest.mark.slow
 def test_demo_rerun_resumes_and_keeps_the_export(demo_run):
     flow_before = {p.name: p.stat().st_mtime_ns for p in (demo_run / "flow").iterdir()}
     run_module(
@@ -123,6 +125,7 @@ def test_demo_rerun_resumes_and_keeps_the_export(demo_run):
     assert [r["step"] for r in records if "loss" in r] == [4, 6]
 
 
+@pytest.mark.slow
 def test_evaluate_encoder_vs_flowfeat_on_shared_val(demo_run, davis_root, tmp_path):
     out = tmp_path / "eval"
     result = run_module(

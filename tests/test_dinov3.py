@@ -216,6 +216,7 @@ def test_extract_features_tool(hf_models, tmp_path):
                                                                  expected.grid)[0]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_flowfeat_forward_with_dinov3_encoder(hf_models):
     """FlowFeat builds a DINOv3 encoder from its config; encode() returns the torch model's hooked patch tokens."""
     torch_model = _tiny_hf("plain", num_layers=4)
@@ -259,6 +260,7 @@ def test_random_init_dinov3_flowfeat():
     assert model.encoder.cfg == expected
 
 
+@pytest.mark.slow
 def test_train_step_with_dinov3_checkpoint(tmp_path):
     """build_flowfeat loads a DINOv3 HF directory (through ports.vit.from_pretrained) and the jitted step trains."""
     torch_model = _tiny_hf("swiglu", num_layers=4)

@@ -73,6 +73,7 @@ def _to_nchw(x) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("factor", [2, 4])
+@pytest.mark.slow
 def test_conv_transpose_one_layer_parity(factor):
     torch.manual_seed(factor)
     layer = torch.nn.ConvTranspose2d(6, 6, factor, stride=factor).eval()
@@ -103,6 +104,7 @@ def test_resize_bilinear_matches_torch(in_hw, out_hw, align_corners):
     ("widths", "patch_size", "grid"),
     [(TINY_WIDTHS, 14, (4, 6)), ((16, 16, 16, 16), 16, (6, 2))],  # MAE-style unequal / ViT-style equal widths
 )
+@pytest.mark.slow
 def test_dpt_parity_with_torch(widths, patch_size, grid):
     vit_dim, features = 32, 16
     hw = (grid[0] * patch_size, grid[1] * patch_size)
@@ -182,6 +184,7 @@ def test_decoder_rejects_bad_grids_with_a_clear_error():
         decoder(grids[:2] + [jnp.zeros((1, 4, 6, 8))] + grids[3:], (56, 84))
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_f32_params_and_stays_close():
     source = _tiny_ported_decoder(seed=5)
     half = _tiny_ported_decoder(seed=5, dtype=jnp.bfloat16)
@@ -213,6 +216,7 @@ def test_tap_weight_grad_matches_lax(kernel_size):
 
 
 @pytest.mark.parametrize("tap_threshold", [0, 2**62])  # per-tap weight gradient on CPU / XLA's own
+@pytest.mark.slow
 def test_dpt_gradients_match_torch(monkeypatch, tap_threshold):
     """d⟨D(hooked), g⟩ / dθ for every weight equals torch autograd on the twin, through either weight-gradient path
     of the 3×3 convs, the matmul 1×1 convs and the matmul patch upsampling."""

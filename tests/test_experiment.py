@@ -62,6 +62,7 @@ def test_table_bolds_the_best_jf_per_protocol_and_chart_has_one_bar_per_row(tmp_
     assert heights["flowfeat"] > heights["untrained"] > heights["encoder"]
 
 
+@pytest.mark.slow
 def test_experiment_cli_end_to_end_smoke(davis_root, davis_clips, tmp_path):
     """Export 2 clips, 2 train steps, then 3 feature kinds x 2 protocols on a val sequence of 5 frames."""
     workdir, out = tmp_path / "run", tmp_path / "out"

@@ -167,6 +167,7 @@ def _frames(count=5, size=(100, 150)):
                       for c in range(3)], axis=-1) for t in range(count)]
 
 
+@pytest.mark.slow
 def test_folder_glob_and_mp4_in_batches_equal_per_image(tiny_flowfeat_run, tmp_path):
     from test_videos import write_mp4
 
@@ -220,6 +221,7 @@ def test_load_run_dir_and_exported_pth_equal_extract_features(tiny_flowfeat_run,
     assert batch_encoder.shape == (2, 4, 6, 64) and batch_flowfeat.shape == (2, 56, 84, 16)
 
 
+@pytest.mark.slow
 def test_online_decoder_is_the_default(tmp_path):
     """A file with a distinct EMA decoder: load() and the tool use the online one unless asked for the EMA."""
     encoder = HubViTConfig(patch_size=14, hidden_size=64, num_layers=4, num_heads=1, mlp_dim=128, pos_grid=4)
@@ -245,6 +247,7 @@ def test_online_decoder_is_the_default(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "f.npz")["flowfeat"], online, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_16_bit_png_is_scaled_by_its_bit_depth(tiny_flowfeat_run, tmp_path):
     _, run = tiny_flowfeat_run
     grey16 = (np.linspace(0, 65535, 56 * 84).reshape(56, 84)).astype(np.uint16)

@@ -89,6 +89,7 @@ def test_forward_shapes_and_encoder_features(tiny_model, images):
     np.testing.assert_array_equal(np.asarray(enc), np.asarray(encoded.final))
 
 
+@pytest.mark.slow
 def test_encoder_gets_no_gradient(tiny_model, images):
     def loss(model):
         enc, feats = model(images)

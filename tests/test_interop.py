@@ -97,6 +97,7 @@ def _tensors(state):
 
 
 @pytest.mark.parametrize("name", list(JAX_ENCODERS))
+@pytest.mark.slow
 def test_exported_weights_reproduce_jax_outputs_in_torch(name):
     model = _random_jax_flowfeat(JAX_ENCODERS[name])
     state = ports.flowfeat_state_dict(model)
@@ -195,6 +196,7 @@ def _tool_main(name: str):
     return module.main
 
 
+@pytest.mark.slow
 def test_released_file_imports_and_exports_back(tmp_path, capsys):
     """.pth in the reference layout -> import_torch -> JAX outputs equal torch's; export_torch gives the file back."""
     reference = _random_torch_flowfeat(_HUB_DINOV2_REG)
@@ -215,6 +217,7 @@ def test_released_file_imports_and_exports_back(tmp_path, capsys):
         torch.testing.assert_close(exported[key], value, atol=0, rtol=0, msg=key)
 
 
+@pytest.mark.slow
 def test_training_snapshot_with_ema_and_config(tmp_path):
     """{"model": FlowFeatTrain state dict}: decoder -> online, decoder_ema.ema_model -> EMA; --config sets heads."""
     online = _random_torch_flowfeat(_HUB_DINO, seed=1)

@@ -209,6 +209,7 @@ def test_tfds_source_mocked():
 
 
 # --- shared DAVIS-2016 sequences -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_real_sequences_ground_truth_and_eroded(davis_root, tmp_path, capsys):
     sequences = ["blackswan", "dog"]
     for sequence in sequences:

@@ -183,6 +183,7 @@ class _CompileCounter:
 jax.monitoring.register_event_duration_secs_listener(_CompileCounter.listen)
 
 
+@pytest.mark.slow
 def test_compiled_once_for_every_sequence_length():
     rng = np.random.default_rng(0)
     patch, h, w = 4, 4, 6
@@ -205,6 +206,7 @@ def test_compiled_once_for_every_sequence_length():
 
 
 @pytest.mark.parametrize("patch, input_hw", [(14, (476, 840)), (16, (480, 832))])
+@pytest.mark.slow
 def test_davis_frame_sizes_every_patch(patch, input_hw):
     """The paper's input sizes run end to end (no pooling-stride crash), at both KNN scales."""
     grid = (input_hw[0] // patch, input_hw[1] // patch)
@@ -234,6 +236,7 @@ def test_bad_knn_settings_raise():
         KnnSettings(scale=2).grid_stride(15)
 
 
+@pytest.mark.slow
 def test_evaluate_sequences_both_protocols(davis_root, tmp_path):
     rng = np.random.default_rng(0)
     projection, phase = 3 * rng.standard_normal((5, 16)), rng.uniform(0, 2 * np.pi, 16)

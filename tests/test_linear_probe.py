@@ -20,6 +20,7 @@ def test_davis_input_size():
         linear_probe.davis_input_size(100, 90, multiple=64, short_side=50)
 
 
+@pytest.mark.slow
 def test_fit_matches_torch_adam_with_weight_decay():
     """[F, E] @ W on concatenated features in torch = F W_F + E W_E in the factorised fit; a 4th, padded class (3
     present) changes nothing for the 3 real ones."""
@@ -66,6 +67,7 @@ def test_class_bucket():
     assert [linear_probe.class_bucket(k) for k in (1, 2, 3, 4, 5, 8, 9)] == [2, 2, 4, 4, 8, 8, 16]
 
 
+@pytest.mark.slow
 def test_separable_features_segment_every_frame():
     rng = np.random.default_rng(1)
     t_count, h, w = 4, 16, 24
@@ -83,6 +85,7 @@ def test_separable_features_segment_every_frame():
     np.testing.assert_array_equal(predicted, labels)
 
 
+@pytest.mark.slow
 def test_encoder_probe_fits_on_the_patch_grid():
     """Paper: the encoder-only probe at its native resolution: labels downsampled to the patch grid, masks resized
     to the original frame. Patch-block labels with one-hot patch features are recovered exactly; fitting at the
@@ -119,6 +122,7 @@ def test_wrong_flowfeat_size_raises():
 
 
 @pytest.mark.parametrize("sequence", ["dog", "car-shadow"])
+@pytest.mark.slow
 def test_real_sequences_end_to_end(davis_root, sequence):
     frames = davis.read_frames(davis_root, sequence, max_frames=4)
     annotations, _ = davis.read_annotations(davis_root, sequence, max_frames=4)

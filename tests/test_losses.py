@@ -48,6 +48,7 @@ def test_standardize_flow_matches_torch():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.slow
 def test_losses_match_torch(seed):
     pred, target = _flows(seed)
     tp, tt = torch.from_numpy(pred), torch.from_numpy(target)
@@ -105,6 +106,7 @@ def test_flow_objective_matches_torch_reference(flow, flow_weight, grad_weight, 
     np.testing.assert_allclose(np.asarray(grad).transpose(0, 3, 1, 2), tp.grad.numpy(), atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_focal_gradient_loss_on_flat_target_is_finite():
     """Reference: 0/0 = NaN on a channel with no target gradient; ours: that channel contributes 0."""
     pred, target = _flows(3)

@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import tiny_config
 from test_train_loop import read_metrics
 
@@ -17,6 +18,7 @@ def losses(tmp_path, dtype):
     return np.array([m["loss"] for m in read_metrics(tmp_path / dtype)])
 
 
+@pytest.mark.slow
 def test_bf16_training_follows_f32_curve(tmp_path):
     f32, bf16 = losses(tmp_path, "float32"), losses(tmp_path, "bfloat16")
     relative = np.abs(bf16 - f32) / f32

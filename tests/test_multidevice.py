@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = """
@@ -33,6 +35,7 @@ def run(tmp_path, devices):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device(tmp_path):
     one, four = run(tmp_path, 1), run(tmp_path, 4)
     assert [m["step"] for m in one] == [m["step"] for m in four] == [1, 2, 3]

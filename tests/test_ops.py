@@ -51,6 +51,7 @@ def test_attention_matches_softmax_reference(path, length):
     np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_attention_paths_agree_with_gradients_and_in_bf16():
     q, k, v = (_normal(i, 2, 300, 2, 8) for i in range(3))
     _assert_paths_agree(ops.attention, q, k, v, atol=1e-5)
@@ -64,12 +65,14 @@ def test_attention_paths_agree_with_gradients_and_in_bf16():
 
 @pytest.mark.parametrize("kernel_size", [1, 3])
 @pytest.mark.parametrize("tap_threshold", [0, 2**62])  # per-tap weight gradient on CPU / XLA's own
+@pytest.mark.slow
 def test_same_conv_paths_agree(monkeypatch, kernel_size, tap_threshold):
     monkeypatch.setattr(ops, "TAP_WEIGHT_GRAD_MIN_ELEMENTS", tap_threshold)
     _assert_paths_agree(ops.same_conv, _normal(1, 2, 9, 7, 5), _normal(2, kernel_size, kernel_size, 5, 6))
 
 
 @pytest.mark.parametrize("factor", [2, 4])
+@pytest.mark.slow
 def test_patch_upsample_paths_agree(factor):
     x, kernel = _normal(3, 2, 3, 5, 6), _normal(4, factor, factor, 4, 6)
     _assert_paths_agree(ops.patch_upsample, x, kernel)
@@ -82,6 +85,7 @@ def test_patch_upsample_paths_agree(factor):
 
 @pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.slow
 def test_resample_axis_paths_match_the_dense_matrix(align_corners, dtype):
     matrix = dpt._interpolation_matrix(7, 12, align_corners)
     x = _normal(5, 2, 7, 3, 4)

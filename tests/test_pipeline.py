@@ -85,6 +85,7 @@ def test_timeflip_false_draws_forward_partners_only(exported):
     assert min(t for _, t, _ in with_flip) >= CFG.gap and {np.sign(p - t) for _, t, p in with_flip} == {-1, 1}
 
 
+@pytest.mark.slow
 def test_iterator_state_resumes_the_same_sequence_with_workers(exported):
     dataset = _dataset(exported, worker_count=2, seed=3)
     iterator = iter(dataset)

@@ -98,6 +98,7 @@ def test_bin_centres_span_depth_range():
 
 
 @pytest.mark.parametrize("encoder_dim,flowfeat_dim", [(24, 0), (0, 16), (24, 16)])
+@pytest.mark.slow
 def test_probe_shapes_for_each_feature_choice(encoder_dim, flowfeat_dim):
     encoder = jnp.ones((2, 4, 4, 24)) if encoder_dim else None
     flowfeat = jnp.ones((2, 32, 32, 16)) if flowfeat_dim else None
@@ -193,6 +194,7 @@ def _fit(probe, loss, features, batch, steps, lr):
     return nnx.merge(graphdef, params), losses
 
 
+@pytest.mark.slow
 def test_attention_probe_overfits_synthetic_segmentation():
     rng = np.random.default_rng(0)
     num, height, width, classes = 4, 16, 16, 3
@@ -218,6 +220,7 @@ def test_attention_probe_overfits_synthetic_segmentation():
     assert scores["miou"] > 0.99 and scores["pixel_accuracy"] > 0.99
 
 
+@pytest.mark.slow
 def test_depth_head_overfits_synthetic_depth():
     rng = np.random.default_rng(0)
     num, height, width = 4, 16, 16

@@ -70,6 +70,7 @@ def uninterrupted(tmp_path_factory):
     return records, workdir
 
 
+@pytest.mark.slow
 def test_sigkill_between_checkpoints_then_rerun_matches_uninterrupted(uninterrupted, tmp_path):
     records, full = uninterrupted
     workdir = tmp_path / "killed"
@@ -100,6 +101,7 @@ def test_sigkill_between_checkpoints_then_rerun_matches_uninterrupted(uninterrup
     assert any(line.startswith("step: 12") for line in resumed_lines)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_with_one_line(uninterrupted, tmp_path):
     records, _ = uninterrupted
     workdir = tmp_path / "term"
@@ -122,6 +124,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_one_line(uninterrupted, tmp_p
     assert (workdir / "checkpoints" / str(step)).is_dir()
 
 
+@pytest.mark.slow
 def test_inspect_checkpoint_reports_step_encoder_and_counts(uninterrupted):
     _, full = uninterrupted
     lines = digest(full)

@@ -34,6 +34,7 @@ def latest_state_digest(workdir):
     return step, ckpt_lib.tree_digest({"params": state["params"], "ema_params": state["ema_params"]})
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_logs_every_step_and_the_last(tmp_path):
     config = tiny_config(num_steps=5)
     config.train.log_every = 2
@@ -49,6 +50,7 @@ def test_metrics_jsonl_logs_every_step_and_the_last(tmp_path):
         ]
 
 
+@pytest.mark.slow
 def test_training_reduces_the_objective_on_held_out_batches():
     """40 steps on synthetic motion lower the FlowFeat objective on 4 fixed held-out batches (same crops)."""
     config = tiny_config()
@@ -70,6 +72,7 @@ def test_training_reduces_the_objective_on_held_out_batches():
     assert trained < 0.93 * initial, (initial, trained)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     loop.train(tiny_config(num_steps=6), full)
@@ -152,6 +155,7 @@ def test_validation_with_ema_decoder_and_refusals(tmp_path):
     assert not (tmp_path / "c" / "best").exists()  # keep_best off by default
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_encoder(tmp_path):
     loop.train(tiny_config(num_steps=3), tmp_path)
     other = tiny_config(num_steps=6)
@@ -160,6 +164,7 @@ def test_resume_refuses_another_encoder(tmp_path):
         loop.train(other, tmp_path)
 
 
+@pytest.mark.slow
 def test_nonfinite_batch_leaves_state_unchanged(tiny_step):
     _, state, train_step, encoder_params = tiny_step
     batch = next(synthetic.synthetic_batches(0, 2, 112, 56))
@@ -173,6 +178,7 @@ def test_nonfinite_batch_leaves_state_unchanged(tiny_step):
     assert int(new_state.step) == 1
 
 
+@pytest.mark.slow
 def test_random_decoder_ablation_keeps_decoder():
     config = tiny_config()
     config.model.random_decoder = True
@@ -184,6 +190,7 @@ def test_random_decoder_ablation_keeps_decoder():
     assert bool(metrics["finite"])
 
 
+@pytest.mark.slow
 def test_ema_disabled_teacher_is_student_and_loss_changes(tiny_step):
     config = tiny_config()
     batch = next(synthetic.synthetic_batches(0, 2, 112, 56))

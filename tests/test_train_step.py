@@ -65,6 +65,7 @@ def one_step():
     return before, jax_side, torch_side, config
 
 
+@pytest.mark.slow
 def test_losses_and_gradient_norm_match_the_torch_step(one_step):
     _, jax_side, torch_side, _ = one_step
     metrics = jax_side["metrics"]
@@ -76,6 +77,7 @@ def test_losses_and_gradient_norm_match_the_torch_step(one_step):
     assert float(metrics["grad_norm"]) == pytest.approx(torch_side["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_one_adamw_step_moves_every_parameter_as_the_torch_step(one_step):
     """Adam's first update is -lr * g / (|g| + eps): about lr * sign(g) per entry, so each entry moves by at most lr
     and two gradients equal to a relative 1e-4 give updates equal to far less than 1e-3 lr, except where |g| is near
@@ -100,6 +102,7 @@ def test_one_adamw_step_moves_every_parameter_as_the_torch_step(one_step):
     assert moved >= 0.9 * reached, moved / reached  # the step moved nearly every reached weight by ~lr
 
 
+@pytest.mark.slow
 def test_the_first_ema_update_copies_the_new_weights_on_both_sides(one_step):
     _, jax_side, torch_side, _ = one_step
     assert float(jax_side["metrics"]["ema_decay"]) == 0.0 and bool(jax_side["metrics"]["ema_updated"])
