@@ -26,6 +26,7 @@ class LossConfig:
     grad_weight: float  # weight of the focal gradient loss L_grad; 0 = the "no L_grad" ablation
     sigma: float  # focal gradient loss sigma
     ridge_alpha: float
+    flow_map: str  # 'ridge' (released: per-image ridge map from the teacher) | 'linear' (Tab. 3 naive, learned)
     norm_flow: bool  # standardise the teacher flow per image and channel
 
 

@@ -98,7 +98,7 @@ def tiny_train_state(config):
     graphdef, model_state = nnx.split(model)
     pure = nnx.to_pure_dict(model_state)
     tx = loop.make_optimizer(config.train, config.model.random_decoder)
-    state = loop.init_train_state(pure["decoder"], tx, config.seed)
+    state = loop.init_train_state(pure["decoder"], tx, config.seed, loop.initial_flow_head(config))
     train_step = jax.jit(step_lib.make_train_step(graphdef, tx, loop.step_config(config)))
     return model, state, train_step, pure["encoder"]
 

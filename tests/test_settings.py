@@ -123,8 +123,9 @@ def test_step_torch_and_export_configs_carry_every_value():
     config.update_from_flattened_dict({
         "train.input_size": 96, "train.crop_scale": (0.3, 0.9), "train.lr": 3e-4, "train.b1": 0.8, "train.b2": 0.95,
         "train.weight_decay": 0.05, "loss.flow": "l2", "loss.flow_weight": 0.4, "loss.grad_weight": 0.0,
-        "loss.sigma": 0.2, "loss.ridge_alpha": 1e-3, "loss.norm_flow": False, "ema.enabled": False, "ema.beta": 0.9,
-        "ema.update_after_step": 3, "ema.update_every": 2, "ema.power": 0.5, "ema.inv_gamma": 2.0,
+        "loss.sigma": 0.2, "loss.ridge_alpha": 1e-3, "loss.flow_map": "linear", "loss.norm_flow": False,
+        "ema.enabled": False, "ema.beta": 0.9, "ema.update_after_step": 3, "ema.update_every": 2, "ema.power": 0.5,
+        "ema.inv_gamma": 2.0,
         "data.method": "raft", "data.checkpoint": "raft.pth", "data.iters": 12, "data.gap": 3,
         "data.frame_size": 320, "data.flow_size": 160, "data.jpeg_quality": 90,
     })

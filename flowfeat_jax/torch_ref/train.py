@@ -186,6 +186,8 @@ class TorchFlowFeatTrainer:
     """The online decoder, its AdamW optimiser and the EMA teacher of a TorchFlowFeat (encoder frozen)."""
 
     def __init__(self, model: TorchFlowFeat, cfg: TorchStepConfig):
+        if cfg.loss.flow_map != "ridge":
+            raise ValueError(f"the torch reference step has the ridge map only, got loss.flow_map={cfg.loss.flow_map!r}")
         self.model, self.cfg = model, cfg
         model.encoder.requires_grad_(False).eval()
         model.decoder.train()
