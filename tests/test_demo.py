@@ -56,6 +56,7 @@ def test_demo_exports_trains_checkpoints_scores_and_draws(demo_run):
     assert 0.0 <= score["eval/encoder/knn/JF_mean"] <= 1.0  # the final validation scores the encoder too
 
 
+@pytest.mark.slow
 def test_demo_ends_with_encoder_vs_flowfeat_table_and_picture_paths(demo_run):
     stdout = (demo_run.parent / f"{demo_run.name}_stdout.txt").read_text()
     table = [line for line in stdout.splitlines() if line.startswith("| ")]
@@ -71,6 +72,7 @@ def test_demo_ends_with_encoder_vs_flowfeat_table_and_picture_paths(demo_run):
     assert any(line.startswith("train: 100%") and "4/4" in line for line in stderr.splitlines())
 
 
+@pytest.mark.slow
 def test_demo_writes_tensorboard_events(demo_run):
     events = read_tensorboard_events(demo_run)
     tags = {(step, tag) for step, tag, _ in events}

@@ -253,6 +253,7 @@ def _tiny_dinov3_config(encoder_dir=""):
     return c
 
 
+@pytest.mark.slow
 def test_random_init_dinov3_flowfeat():
     model, source = loop.build_flowfeat(_tiny_dinov3_config().model, seed=0)
     assert isinstance(model.encoder, DINOv3) and source == "random:dinov3_vits16:seed0"

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from flowfeat_jax import gpu_check
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -36,3 +38,12 @@ def test_gpu_check_tiny_runs_on_cpu(tmp_path):
         np.testing.assert_allclose(row["hours"], 500 * 27 * train["jax_step_ms"] / 3.6e6)
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("500 ep") and any(line.startswith("gpu_check") for line in lines)
+
+
+def test_projection_takes_the_largest_batch_and_scales_its_step_time():
+    rows = [{"dtype": dtype, "batch": batch, "jax_step_ms": ms, "torch_step_ms": 2 * ms}
+            for dtype, batch, ms in (("f32", 1, 100.0), ("f32", 4, 300.0), ("bf16", 4, 150.0))]
+    projected = gpu_check.projection(rows)
+    assert [(row["dtype"], row["batch"], row["steps"]) for row in projected] == [("f32", 4, 13500), ("bf16", 4, 13500)]
+    assert projected[0]["hours"] == pytest.approx(13500 * 0.3 / 3600)  # 500 epochs of 27 steps at 300 ms
+    assert projected[1]["torch_hours"] == pytest.approx(13500 * 0.3 / 3600)

@@ -122,6 +122,7 @@ def _attention_by_hand(probe: seg_lib.CrossAttentionProbe, features, tokens):
     return jnp.einsum("bhwc,bkc->bhwk", features, attended) / features.shape[-1]
 
 
+@pytest.mark.slow
 def test_flowfeat_key_value_downsampling_factor():
     """downscale 1 attends to every pixel (the behaviour before the factor existed); downscale 2 to the 2 x 2 block
     means (bilinear halving, align_corners=False); the encoder-only probe ignores the factor."""
