@@ -132,7 +132,8 @@ def absl_flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
             elif isinstance(e, AttributeError) and "get_config" in message:
                 message = f"config file {config_file} defines no get_config() (it must return a ConfigDict)"
             elif isinstance(e, (AttributeError, KeyError)):  # ml_collections: the override names no key of the config
-                culprit = [a for a in argv[1:] if a.startswith("--config.") and message.split()[0].strip("'") in a]
+                key = message.split()[0].strip("'")  # the override whose last key part is the unknown one
+                culprit = [a for a in argv[1:] if a.startswith("--config.") and a.split("=")[0].rsplit(".")[-1] == key]
                 message = f"unknown config key in {culprit[0] if culprit else 'a --config override'}: {message}"
             print(f"{prog}: error: {message}", file=sys.stderr)
             sys.exit(2)

@@ -438,3 +438,12 @@ def test_nyu_tfds_probe_run_mocked(tmp_path):
     assert metrics["num_images"] + metrics["invalid_images"] == 2 and metrics["features"] == "flowfeat"
     assert np.isfinite(metrics["rmse"]) and 0 <= metrics["delta1"] <= 1
     assert Image.open(next((tmp_path / "pictures").glob("*.png"))).size == (3 * 480, 480)
+
+
+def test_probe_cli_refuses_the_old_train_steps_name(tmp_path):
+    """The probe configs name the step count as the train configs do (train.num_steps); the old name stops the CLI
+    before any work."""
+    out = _cli("configs/probe_nyu.py", tmp_path / "run", "--config.train.steps=3")
+    assert out.returncode != 0
+    assert out.stderr.strip() == "flowfeat_jax.probe: error: unknown config key in --config.train.steps=3: 'steps'"
+    assert not (tmp_path / "run").exists()
