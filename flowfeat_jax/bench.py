@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from flowfeat_jax import cli
+from flowfeat_jax import errors
 from flowfeat_jax.models.vit import ViTConfig
 from flowfeat_jax.train import crops, loop
 from flowfeat_jax.train import step as step_lib
@@ -268,7 +268,7 @@ class TorchSide:
         self.autocast = autocast  # bf16 autocast around forward and loss (the ridge stays f32); off = fp32 as released
         config = jax_side.config
         if not isinstance(jax_side.model.cfg.encoder, ViTConfig):
-            raise cli.UserError(f"--torch needs a DINO / DINOv2 / MAE ViT encoder, not {config.model.encoder_arch}")
+            raise errors.UserError(f"--torch needs a DINO / DINOv2 / MAE ViT encoder, not {config.model.encoder_arch}")
         weights = {k: np.array(v) for k, v in flowfeat_ports.flowfeat_state_dict(jax_side.model).items()}
         heads = jax_side.model.cfg.encoder.num_heads
         self.model = torch_flowfeat.load_torch_flowfeat(weights, heads).to(self.device).eval()

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flowfeat_jax import cli
+from flowfeat_jax import errors
 
 RECORD_MAGIC = b"FFR1"
 FORMAT = "flowfeat-flow-records/1"
@@ -112,7 +112,7 @@ def write_json_atomic(path: pathlib.Path, content: dict) -> None:
 
 def read_json(path: pathlib.Path) -> dict:
     """A manifest or shard json; ValueError naming the file when it is not a JSON object."""
-    return cli.read_json_object(path, hint="delete the export and export again")
+    return errors.read_json_object(path, hint="delete the export and export again")
 
 
 def check_manifest(path: pathlib.Path, manifest: dict) -> None:

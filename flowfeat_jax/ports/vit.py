@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowfeat_jax import cli
+from flowfeat_jax import errors
 from flowfeat_jax.models import registry
 from flowfeat_jax.models.vit import ViT, ViTConfig
 
@@ -276,7 +276,7 @@ def from_pretrained(name_or_dir: str, *, dtype=jnp.float32, pos_interp: str | No
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {directory}")
-    hf_config = cli.read_json_object(config_file)
+    hf_config = errors.read_json_object(config_file)
     family = registry.family_for_model_type(hf_config.get("model_type"))
     cfg = family.port("config_from_hf")(hf_config)
     overrides = {"dtype": dtype}

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from flowfeat_jax import cli
+from flowfeat_jax import errors
 from flowfeat_jax.probes import data as data_lib
 from flowfeat_jax.probes import depth as depth_lib
 from flowfeat_jax.probes import pamr as pamr_lib
@@ -306,7 +306,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
             loss = float(loss)
             if not np.isfinite(loss):
                 checkpointer.close()
-                raise cli.UserError(f"probe loss is {loss} at step {done}; lower train.lr")
+                raise errors.UserError(f"probe loss is {loss} at step {done}; lower train.lr")
             now = time.perf_counter()
             record = {"step": done, "loss": loss,
                       "img_per_s": config.train.batch_size * (done - tick_step) / max(now - tick, 1e-9)}

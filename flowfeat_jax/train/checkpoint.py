@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flowfeat_jax import cli
+from flowfeat_jax import errors
 
 # After a failed write: how long the writes still in flight get to fail quietly before the error is reported.
 _DRAIN_S = 2.0
@@ -69,7 +69,7 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         # A failed write leaves the other arrays' writes failing in tensorstore threads, each printing a traceback
         # ("Event loop is closed"; hundreds on a full disk): held back, and given _DRAIN_S to finish.
-        with jax.transfer_guard("allow"), self._write_errors(step), cli.stderr_kept_on_success(_DRAIN_S):
+        with jax.transfer_guard("allow"), self._write_errors(step), errors.stderr_kept_on_success(_DRAIN_S):
             return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     @contextlib.contextmanager

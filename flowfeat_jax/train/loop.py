@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from flowfeat_jax import cli
+from flowfeat_jax import errors
 from flowfeat_jax import config as config_lib
 from flowfeat_jax.models import flowfeat as flowfeat_lib
 from flowfeat_jax.progress import progress
@@ -35,7 +35,7 @@ from flowfeat_jax.train import sharding
 from flowfeat_jax.train import step as step_lib
 
 
-class TrainingError(cli.UserError):
+class TrainingError(errors.UserError):
     """Training cannot go on (non-finite steps, a mismatched checkpoint); the message says why."""
 
 
