@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from flowfeat_jax import errors
-from flowfeat_jax.models.vit import ViTConfig
+from flowfeat_jax.models.vit import IMAGENET_MEAN, IMAGENET_STD, ViTConfig
 from flowfeat_jax.train import crops, loop
 from flowfeat_jax.train import step as step_lib
 
@@ -277,7 +277,7 @@ class TorchSide:
         self.trainer = torch_train.TorchFlowFeatTrainer(trained, cfg)
         host = jax_side.host_batch
         frames = host["frame"].astype(np.float32) / 255.0
-        frames = (frames - np.asarray(step_lib.IMAGENET_MEAN)) / np.asarray(step_lib.IMAGENET_STD)
+        frames = (frames - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
         self.frames = self._tensor(frames.transpose(0, 3, 1, 2))
         self.flow = self._tensor(host["flow"].transpose(0, 3, 1, 2))
         self.theta1, self.theta2 = (self._tensor(t) for t in jax_side.thetas)

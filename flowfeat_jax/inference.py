@@ -94,7 +94,7 @@ class FeatureExtractor:
         from flowfeat_jax.eval.knn import pool_to_grid
         from flowfeat_jax.models import vit
         from flowfeat_jax.models.dpt import check_token_grid
-        from flowfeat_jax.train.step import normalize_images
+        from flowfeat_jax.models.vit import normalize_images
 
         self.model = model
         self.is_flowfeat = isinstance(model, FlowFeat)

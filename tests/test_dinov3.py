@@ -21,7 +21,7 @@ from flowfeat_jax.config import base_config
 from flowfeat_jax.data import synthetic
 from flowfeat_jax.models import flowfeat as flowfeat_lib
 from flowfeat_jax.models.dinov3 import DINOv3, DINOv3Config, rope_tables
-from flowfeat_jax.models.vit import forward, patch_tokens
+from flowfeat_jax.models.vit import forward, normalize_images, patch_tokens
 from flowfeat_jax.ports.dinov3 import dinov3_config_from_hf, hf_key_table, load_hf_state_dict
 from flowfeat_jax.ports.vit import from_pretrained
 from flowfeat_jax.train import loop
@@ -211,7 +211,7 @@ def test_extract_features_tool(hf_models, tmp_path):
     assert features.shape == (4, 6, 32)  # 70x100 -> nearest multiples of 16: 64x96
     model = from_pretrained(directory)
     resized = np.asarray(Image.fromarray(image).resize((96, 64), Image.BILINEAR))
-    expected = forward(model, step_lib.normalize_images(jnp.asarray(resized))[None])  # the tool's normalisation
+    expected = forward(model, normalize_images(jnp.asarray(resized))[None])  # the tool's normalisation
     np.testing.assert_allclose(features, np.asarray(patch_tokens(expected.last_hidden_state, model.cfg,
                                                                  expected.grid)[0]), atol=1e-6, rtol=0)
 

@@ -297,6 +297,17 @@ class Block(nnx.Module):
         return x + (self.ls2(branch) if self.ls2 is not None else branch)
 
 
+# Every encoder family (ViT, DINOv3, ...) was pre-trained on ImageNet-normalised RGB.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(frames_uint8: jax.Array) -> jax.Array:
+    """uint8 RGB (B, H, W, 3) -> float32 ImageNet-normalised (recipe.md "Image normalisation")."""
+    x = frames_uint8.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
 def check_image_size(height: int, width: int, patch_size: int) -> None:
     """Raise a ValueError naming the size and the nearest valid sizes unless both sides are multiples of the patch."""
     if height % patch_size or width % patch_size or height <= 0 or width <= 0:

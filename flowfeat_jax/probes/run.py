@@ -24,13 +24,13 @@ import numpy as np
 import optax
 
 from flowfeat_jax import errors
+from flowfeat_jax.models.vit import normalize_images
 from flowfeat_jax.probes import data as data_lib
 from flowfeat_jax.probes import depth as depth_lib
 from flowfeat_jax.probes import pamr as pamr_lib
 from flowfeat_jax.probes import segmentation as seg_lib
 from flowfeat_jax.progress import progress
 from flowfeat_jax.train import checkpoint as ckpt_lib
-from flowfeat_jax.train.step import normalize_images
 from flowfeat_jax.viz import save_png
 
 FEATURE_CHOICES = ("encoder", "flowfeat", "both")
