@@ -16,6 +16,7 @@ from conftest import read_tensorboard_events
 from flowfeat_jax.config import base_config
 from flowfeat_jax.data import synthetic
 from flowfeat_jax.models import ops
+from flowfeat_jax.ports import build
 from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import loop
 from flowfeat_jax.train import step as step_lib
@@ -182,7 +183,7 @@ def test_resume_refuses_another_encoder(tmp_path):
 
 
 def _tiny_state(config):
-    model, _ = loop.build_flowfeat(config.model, config.seed)
+    model, _ = build.build_flowfeat(config.model, config.seed)
     graphdef, model_state = nnx.split(model)
     pure = nnx.to_pure_dict(model_state)
     tx = loop.make_optimizer(config.train, config.model.random_decoder)
@@ -291,7 +292,7 @@ def test_paper_configs_hold_released_defaults(name):
     assert (config.loss.ridge_alpha, config.loss.flow_weight, config.loss.sigma) == (released_alpha, 0.1, 0.1)
     assert (config.ema.beta, config.ema.update_every) == (0.999, 5)
     # The named preset exists, so a random-init run of the same architecture can be built.
-    loop.encoder_config(config.model)
+    build.encoder_config(config.model)
 
 
 def test_run_after_keeps_values_and_a_dependency_that_survives_compilation():

@@ -185,7 +185,8 @@ def run_experiment(
     Writes into `out_dir`: `table.md`, `table.csv`, `results.json` (scores, timings, run facts), `bar_chart.png`,
     `pca.png`, `loss.png`, and per row the outputs of `evaluate_davis` under `out_dir/eval/<row>/`.
     """
-    from flowfeat_jax import inference, validation
+    from flowfeat_jax import inference
+    from flowfeat_jax.apps import validation
     from flowfeat_jax.eval import davis
     from flowfeat_jax.eval import features as features_lib
     from flowfeat_jax.train import loop

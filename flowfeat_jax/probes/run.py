@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from flowfeat_jax import errors
+from flowfeat_jax import errors, inference
 from flowfeat_jax.models.vit import normalize_images
+from flowfeat_jax.ports import build
 from flowfeat_jax.probes import data as data_lib
 from flowfeat_jax.probes import depth as depth_lib
 from flowfeat_jax.probes import pamr as pamr_lib
@@ -39,13 +40,9 @@ FEATURE_CHOICES = ("encoder", "flowfeat", "both")
 def build_feature_model(config: ml_collections.ConfigDict):
     """The frozen FlowFeat of `features.run_dir`, else one built from `config.model`; returns (model, source)."""
     if config.features.run_dir:
-        from flowfeat_jax.inference import load_flowfeat  # noqa: PLC0415
-
-        model, _, step = load_flowfeat(config.features.run_dir, decoder=config.features.decoder)
+        model, _, step = inference.load_flowfeat(config.features.run_dir, decoder=config.features.decoder)
         return model, f"{config.features.run_dir}@{step}:{config.features.decoder}"
-    from flowfeat_jax.train import loop  # noqa: PLC0415
-
-    model, source = loop.build_flowfeat(config.model, config.seed)
+    model, source = build.build_flowfeat(config.model, config.seed)
     if config.features.which != "encoder" or (config.task == "segmentation" and config.pamr.enabled):
         logging.warning("features.run_dir is empty: the FlowFeat decoder is randomly initialised (%s)", source)
     return model, source + ":random-decoder"

@@ -28,6 +28,7 @@ from flax import nnx
 
 from flowfeat_jax import errors
 from flowfeat_jax.models.vit import IMAGENET_MEAN, IMAGENET_STD, ViTConfig
+from flowfeat_jax.ports import build
 from flowfeat_jax.train import crops, loop
 from flowfeat_jax.train import step as step_lib
 
@@ -170,7 +171,7 @@ def bench_config(config: ml_collections.ConfigDict, *, batch: int | None, size: 
         notes.append(f"encoder {config.model.encoder!r} replaced by a random init of {config.model.encoder_arch} "
                      "(same architecture; no download)")
         config.model.encoder = ""
-    if not config.model.encoder and hasattr(loop.encoder_config(config.model), "pos_interp"):
+    if not config.model.encoder and hasattr(build.encoder_config(config.model), "pos_interp"):
         config.model.pos_interp = "hub"
         notes.append("position tables resized as torch hub does (pos_interp='hub'), as the torch FlowFeat")
     if dtype is not None:
@@ -215,7 +216,7 @@ class JaxSide:
 
     def __init__(self, config: ml_collections.ConfigDict, infer_hw: tuple[int, int]):
         self.config = config
-        self.model, self.encoder_source = loop.build_flowfeat(config.model, config.seed)
+        self.model, self.encoder_source = build.build_flowfeat(config.model, config.seed)
         graphdef, model_state = nnx.split(self.model)
         pure = nnx.to_pure_dict(model_state)
         self.encoder_params = pure["encoder"]
