@@ -21,12 +21,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import grain
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from flowfeat_jax import errors
+from flowfeat_jax.data import pipeline, records
 from flowfeat_jax.models.vit import IMAGENET_MEAN, IMAGENET_STD, ViTConfig
 from flowfeat_jax.ports import build
 from flowfeat_jax.train import crops, loop
@@ -259,6 +261,7 @@ class TorchSide:
     """The torch FlowFeat with the JAX model's weights, its reference train step, and the same inputs (NCHW)."""
 
     def __init__(self, jax_side: JaxSide, device: str, autocast: bool = False):
+        # torch (and the torch-side modules, which import it) only for --torch: a JAX-only run never loads it.
         import torch
 
         from flowfeat_jax.ports import flowfeat as flowfeat_ports
@@ -307,7 +310,7 @@ class TorchSide:
 
     def flops(self, call: Callable[[], None]) -> float | None:
         """FLOPs torch's FlopCounterMode counts for one call (matmuls, convs, attention)."""
-        from torch.utils.flop_counter import FlopCounterMode
+        from torch.utils.flop_counter import FlopCounterMode  # torch: only for --torch
 
         counter = FlopCounterMode(display=False)
         with counter:
@@ -322,7 +325,7 @@ class TorchSide:
 
 def torch_step_config(config: ml_collections.ConfigDict):
     """The torch step's constants from an experiment config (as loop.step_config for the JAX step)."""
-    from flowfeat_jax.torch_ref import train as torch_train
+    from flowfeat_jax.torch_ref import train as torch_train  # torch: only for --torch
 
     if config.loss.flow != "l1" or not config.ema.enabled:
         raise ValueError("the torch reference step implements the released recipe only (loss.flow='l1', ema on)")
@@ -380,7 +383,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: int | None = None
     calls = {"jax_step": jax_side.step}
     torch_side = None
     if with_torch:
-        import torch
+        import torch  # only for --torch
 
         torch.set_num_threads(threads)
         torch_device = "cuda" if device.platform == "gpu" and torch.cuda.is_available() else "cpu"
@@ -453,8 +456,6 @@ def pipeline_rates(records_dir: str | os.PathLike, *, batch_size: int, worker_co
     """Samples/s of the training input pipeline (grain over the ArrayRecord export, data/pipeline.py) per worker count:
     `num_batches` batches timed after one warm-up batch (worker start-up and first reads excluded); in-process
     (0 workers) also samples per CPU-second of this process."""
-    from flowfeat_jax.data import pipeline
-
     rows = []
     for workers in worker_counts:
         dataset = pipeline.make_pair_dataset(records_dir, batch_size=batch_size, seed=0, worker_count=workers,
@@ -478,10 +479,6 @@ def pipeline_rates(records_dir: str | os.PathLike, *, batch_size: int, worker_co
 def sample_stage_ms(records_dir: str | os.PathLike, count: int = 64) -> dict[str, float]:
     """Milliseconds of CPU time per sample of each stage of `FlowPairSampler.read`, in this process: the record
     reads, the JPEG decode of the frame, the flow decode (CPU time, so a busy machine does not inflate it)."""
-    import grain
-
-    from flowfeat_jax.data import pipeline, records
-
     opened = records.open_flow_records(records_dir)
     frames = grain.sources.ArrayRecordDataSource(list(opened.frame_files))
     flows = grain.sources.ArrayRecordDataSource(list(opened.flow_files))

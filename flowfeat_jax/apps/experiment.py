@@ -22,7 +22,11 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from flowfeat_jax import viz
+from flowfeat_jax import inference, viz
+from flowfeat_jax.apps import validation
+from flowfeat_jax.eval import davis
+from flowfeat_jax.eval import features as features_lib
+from flowfeat_jax.train import loop
 
 ROWS = ("encoder", "untrained", "flowfeat")
 ROW_LABELS = {"encoder": "encoder features", "untrained": "untrained decoder", "flowfeat": "FlowFeat (trained)"}
@@ -146,8 +150,6 @@ def pca_comparison(models: dict, frames: Sequence[np.ndarray], input_hw: Sequenc
     `models` maps "untrained" and "flowfeat" to FlowFeat modules that share the encoder; each PCA is fitted on its own
     features of that frame (viz.pca_image), encoder features shown with nearest-neighbour patch blocks.
     """
-    from flowfeat_jax.eval import features as features_lib
-
     feature_fns = {row: features_lib.make_feature_fn(model, "flowfeat") for row, model in models.items()}
     rows = []
     for frame, hw in zip(frames, input_hw):
@@ -185,12 +187,6 @@ def run_experiment(
     Writes into `out_dir`: `table.md`, `table.csv`, `results.json` (scores, timings, run facts), `bar_chart.png`,
     `pca.png`, `loss.png`, and per row the outputs of `evaluate_davis` under `out_dir/eval/<row>/`.
     """
-    from flowfeat_jax import inference
-    from flowfeat_jax.apps import validation
-    from flowfeat_jax.eval import davis
-    from flowfeat_jax.eval import features as features_lib
-    from flowfeat_jax.train import loop
-
     workdir, out_dir = pathlib.Path(workdir), pathlib.Path(out_dir)
     sequences = list(sequences) if sequences else davis.list_sequences(davis_root, split)
     timings = {}

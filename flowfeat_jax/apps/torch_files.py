@@ -70,7 +70,8 @@ def export_flowfeat(checkpoint: str | pathlib.Path, out: str | pathlib.Path, *, 
     sidecar_tmp = sidecar.with_name(f".{sidecar.name}.tmp")
     try:
         if use_safetensors:
-            safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", torch_flowfeat.ARCHITECTURE_KEY: architecture})
+            metadata = {"format": "pt", torch_flowfeat.ARCHITECTURE_KEY: architecture}
+            safetensors.torch.save_file(tensors, tmp, metadata=metadata)
         else:
             torch.save(tensors, tmp)
             sidecar_tmp.write_text(architecture + "\n")
@@ -150,15 +151,15 @@ def import_flowfeat(pth: str | pathlib.Path, out_dir: str | pathlib.Path,
         named = build.encoder_config(config.model)
         family, num_heads = family or named.family, num_heads or named.num_heads
     try:
-        cfg = flowfeat_ports.infer_flowfeat_config({**encoder_state, **decoder_state}, family=family, num_heads=num_heads,
-                                    architecture=architecture)
+        cfg = flowfeat_ports.infer_flowfeat_config({**encoder_state, **decoder_state}, family=family,
+                                                   num_heads=num_heads, architecture=architecture)
     except ValueError as error:
         raise ValueError(f"{pth}: {error}") from None
     expected = flowfeat_ports.reference_shapes(cfg)
     flowfeat_ports.check_against_reference({**encoder_state, **decoder_state}, expected, str(pth))
     if ema_state is not None:
-        flowfeat_ports.check_against_reference(ema_state, {k: v for k, v in expected.items() if k.startswith("decoder.")},
-                                 f"{pth} (decoder_ema.ema_model)")
+        decoder_shapes = {k: v for k, v in expected.items() if k.startswith("decoder.")}
+        flowfeat_ports.check_against_reference(ema_state, decoder_shapes, f"{pth} (decoder_ema.ema_model)")
     config = _config_for_import(config, cfg)
     final_encoder = out_dir / "encoder"
 

@@ -64,7 +64,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict, data_iterator: Any = None) -> bool:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
-            import grain
+            import grain  # heavy (~0.5 s): only runs on record data checkpoint an iterator
 
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         # A failed write leaves the other arrays' writes failing in tensorstore threads, each printing a traceback
@@ -98,7 +98,7 @@ class Checkpointer:
             # An imported checkpoint has no data item: the data order starts afresh.
             logging.warning("%s holds no data-iterator state; the data order starts from the beginning", step)
         elif data_iterator is not None:
-            import grain
+            import grain  # heavy (~0.5 s): only runs on record data checkpoint an iterator
 
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         with jax.transfer_guard("allow"), self._read_errors(step):

@@ -6,6 +6,7 @@ takes explicit arguments.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -23,9 +24,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from PIL import Image
 
 from flowfeat_jax import config as config_lib
 from flowfeat_jax import errors
+from flowfeat_jax.data import export, pipeline, records, synthetic
 from flowfeat_jax.models import flowfeat as flowfeat_lib
 from flowfeat_jax.ports.build import build_flowfeat
 from flowfeat_jax.progress import progress
@@ -84,8 +87,6 @@ def ensure_records(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -
     `data.records` defaults to `workdir/flow`. An existing export made with other parameters is refused by the
     exporter, never mixed.
     """
-    from flowfeat_jax.data import export, records
-
     records_dir = pathlib.Path(data_cfg.records) if data_cfg.records else workdir / "flow"
     export_cfg = export.ExportConfig(
         method=data_cfg.method,
@@ -127,8 +128,6 @@ def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
     """This process's share of each global batch, and for record data the same grain iterator (checkpointed)."""
     data = config.data
     if data.source == "synthetic":
-        from flowfeat_jax.data import synthetic
-
         it = synthetic.synthetic_batches(
             config.seed,
             config.train.batch_size,
@@ -140,8 +139,6 @@ def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
         )
         return it, None
     if data.source == "records":
-        from flowfeat_jax.data import pipeline
-
         dataset = pipeline.make_pair_dataset(
             ensure_records(data, workdir),
             batch_size=config.train.batch_size // jax.process_count(),
@@ -262,8 +259,6 @@ def warn_half_written(directory: pathlib.Path) -> None:
 
 def read_pictures(directory: pathlib.Path) -> dict[str, np.ndarray]:
     """{"pca/<sequence>": RGB uint8} of the PCA pictures an evaluation wrote."""
-    from PIL import Image
-
     return {f"pca/{p.stem}": np.asarray(Image.open(p).convert("RGB")) for p in sorted(directory.glob("*.png"))}
 
 
@@ -338,8 +333,6 @@ class RunLock:
         self._file = None
 
     def __enter__(self):
-        import fcntl
-
         if jax.process_index() != 0:  # a multi-host run shares one workdir; its first process holds the lock
             return self
         self._file = self.path.open("a+")
