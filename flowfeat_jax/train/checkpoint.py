@@ -13,6 +13,7 @@ import logging
 import pathlib
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -64,8 +65,6 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict, data_iterator: Any = None) -> bool:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
-            import grain  # heavy (~0.5 s): only runs on record data checkpoint an iterator
-
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         # A failed write leaves the other arrays' writes failing in tensorstore threads, each printing a traceback
         # ("Event loop is closed"; hundreds on a full disk): held back, and given _DRAIN_S to finish.
@@ -98,8 +97,6 @@ class Checkpointer:
             # An imported checkpoint has no data item: the data order starts afresh.
             logging.warning("%s holds no data-iterator state; the data order starts from the beginning", step)
         elif data_iterator is not None:
-            import grain  # heavy (~0.5 s): only runs on record data checkpoint an iterator
-
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         with jax.transfer_guard("allow"), self._read_errors(step):
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
