@@ -8,7 +8,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 from flowfeat_jax import errors
 from flowfeat_jax.config import config_file_syntax_error
@@ -116,6 +118,32 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.option_strings and "%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS):
             text += " (default: %(default)s)"
         return text
+
+
+def split_config_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """(parsed arguments, the `--config.a.b=v` overrides) of an argparse tool that takes config overrides as the absl
+    entry points do; any other unknown argument is argparse's usual error."""
+    args, rest = parser.parse_known_args(argv)
+    unknown = [arg for arg in rest if not arg.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args, rest
+
+
+def apply_config_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """`config` (locked) with `--config.a.b=v` overrides parsed as main's `--config` flag parses them (ml_collections
+    config_flags: the key must exist, the value keeps its type); ValueError naming the override otherwise."""
+    for override in overrides:  # one at a time, so an error names its override
+        argv = ["overrides", override]
+        flag_values = flags.FlagValues()
+        try:
+            # config_flags defines a flag for each override it finds in `sys_argv`, then parses them.
+            config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv)
+            flag_values(argv)
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"config override {override}: {one_line(e)}") from None
+        config = flag_values["config"].value
+    return config
 
 
 def hide_default_in_help(flag_name: str) -> None:
