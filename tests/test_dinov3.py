@@ -261,7 +261,7 @@ def test_random_init_dinov3_flowfeat():
 
 
 def test_train_step_with_dinov3_checkpoint(tmp_path):
-    """build_flowfeat loads a DINOv3 HF directory (through ports.vit.from_pretrained) and the jitted step trains."""
+    """build_flowfeat loads a DINOv3 HF directory (ports.registry.from_pretrained) and the jitted step trains."""
     torch_model = _tiny_hf("swiglu", num_layers=4)
     torch_model.save_pretrained(tmp_path)
     config = _tiny_dinov3_config(str(tmp_path))

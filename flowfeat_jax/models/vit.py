@@ -3,7 +3,7 @@
 One pre-norm transformer covers all three families (recipe "Backbones"); they differ only in layer scale (DINOv2),
 SwiGLU (DINOv2 giant), register tokens, LayerNorm eps and how the stored position table is resized to the token grid.
 Module names follow the torch-hub DINO/DINOv2 code (`patch_embed.proj`, `blocks.N.attn.qkv`, `ls1.gamma`, `norm`)
-so that port tables map one-to-one. Weights come from `flowfeat_jax.ports.vit.from_pretrained`.
+so that port tables map one-to-one. Weights come from `flowfeat_jax.ports.registry.from_pretrained`.
 
 Images are NHWC, ImageNet-normalised (recipe "Image normalisation").
 """
