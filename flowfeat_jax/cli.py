@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import os
-import pathlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
-class UserError(Exception):
-    """A run cannot go on for a reason the user can act on (the message says which file, key or step)."""
+from flowfeat_jax import errors
+from flowfeat_jax.config import config_file_syntax_error
 
 
 # Errors that mean "the input is wrong", raised by our own checks with a message that names the file or key.
-USER_ERRORS = (UserError, ValueError, OSError, KeyError)
+USER_ERRORS = (errors.UserError, ValueError, OSError, KeyError)
 
 
 def one_line(error: BaseException) -> str:
@@ -62,33 +62,6 @@ def run_guarded(fn: Callable[[], object], *, prog: str, verbose: bool) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def stderr_kept_on_success(drain_s: float = 0.0) -> Iterator[None]:
-    """File descriptor 2 goes to a temporary file inside the block (C++ threads write there past Python's
-    sys.stderr); what was written is passed on when the block succeeds and dropped when it raises (the error is
-    then reported once, by run_guarded), after `drain_s` seconds for threads still failing to print theirs."""
-    import tempfile
-    import time
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            time.sleep(drain_s)
-            raise
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-        captured.seek(0)
-        text = captured.read().decode(errors="replace")
-    if text:
-        sys.stderr.write(text)
-
-
 def silence_stderr_at_exit() -> None:
     """After a reported error, points file descriptor 2 at /dev/null for the rest of the process: a failed
     checkpoint write leaves tensorstore writes in flight whose callbacks print "Event loop is closed" tracebacks
@@ -116,8 +89,6 @@ def absl_flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
     type) ends in one line and exit status 2 instead of absl's two lines or a traceback (kept with --verbose)."""
 
     def parse(argv: Sequence[str]) -> list[str]:
-        from absl import flags
-
         try:
             return flags.FLAGS(argv)
         except (flags.Error, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
@@ -126,8 +97,6 @@ def absl_flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
             message = one_line(e)
             config_file = _flag_value(argv, "--config")
             if isinstance(e, SyntaxError):  # config_flags executes the config file while parsing
-                from flowfeat_jax.config import config_file_syntax_error
-
                 message = config_file_syntax_error(config_file or e.filename, e)
             elif isinstance(e, AttributeError) and "get_config" in message:
                 message = f"config file {config_file} defines no get_config() (it must return a ConfigDict)"
@@ -152,21 +121,33 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def split_config_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """(parsed arguments, the `--config.a.b=v` overrides) of an argparse tool that takes config overrides as the absl
+    entry points do; any other unknown argument is argparse's usual error."""
+    args, rest = parser.parse_known_args(argv)
+    unknown = [arg for arg in rest if not arg.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args, rest
+
+
+def apply_config_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """`config` (locked) with `--config.a.b=v` overrides parsed as main's `--config` flag parses them (ml_collections
+    config_flags: the key must exist, the value keeps its type); ValueError naming the override otherwise."""
+    for override in overrides:  # one at a time, so an error names its override
+        argv = ["overrides", override]
+        flag_values = flags.FlagValues()
+        try:
+            # config_flags defines a flag for each override it finds in `sys_argv`, then parses them.
+            config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv)
+            flag_values(argv)
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"config override {override}: {one_line(e)}") from None
+        config = flag_values["config"].value
+    return config
+
+
 def hide_default_in_help(flag_name: str) -> None:
     """ml_collections' config flags print "(default: 'None')" in absl's --help when they have no default (a required
     or optional config file): drop that line."""
-    from absl import flags
-
     flags.FLAGS[flag_name].default_as_str = None
-
-
-def read_json_object(path: pathlib.Path, hint: str = "") -> dict:
-    """A JSON object from a file the user gave or made; ValueError naming the file (and `hint`) when it is not one."""
-    suffix = f"; {hint}" if hint else ""
-    try:
-        content = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}){suffix}") from None
-    if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}{suffix}")
-    return content

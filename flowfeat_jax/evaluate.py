@@ -55,19 +55,19 @@ def write_table_csv(results: dict, path: pathlib.Path) -> None:
 
 
 def run() -> pathlib.Path:
+    # Imported here, not at the top: `--help` answers without loading JAX and the model code.
     from flowfeat_jax import config as config_lib
     from flowfeat_jax.eval import features
     from flowfeat_jax.eval.knn import KnnSettings
     from flowfeat_jax.eval.linear_probe import ProbeSettings
     from flowfeat_jax.inference import load_flowfeat
+    from flowfeat_jax.ports.build import build_flowfeat
 
     if not _DAVIS.value:
         raise ValueError("--davis is required: the DAVIS root to evaluate on")
     if _FRAMES_PER_CALL.value < 0:
         raise ValueError(f"--frames_per_call must be >= 0 (0: automatic), got {_FRAMES_PER_CALL.value}")
     if _CONFIG.value is not None and not _WORKDIR.value:
-        from flowfeat_jax.train.loop import build_flowfeat
-
         config_lib.validate_config(_CONFIG.value)
         model, source = build_flowfeat(_CONFIG.value.model, _CONFIG.value.seed)
         logging.info("evaluating an untrained decoder on %s", source)

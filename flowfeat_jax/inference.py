@@ -1,9 +1,12 @@
-"""Load a trained FlowFeat (a run directory, one checkpoint step or a .pth) and compute features of images."""
+"""Load a trained FlowFeat from a run directory (or one checkpoint step) and compute features of images.
+
+Above train (it restores the loop's checkpoints) and eval (it pools as the evaluators do); `flowfeat_jax.load` adds
+reference `.pth` / `.safetensors` files on top (through `apps.torch_files`).
+"""
 
 from __future__ import annotations
 
 import pathlib
-import tempfile
 
 import flax.nnx as nnx
 import jax
@@ -13,7 +16,12 @@ import numpy as np
 from PIL import Image
 
 from flowfeat_jax import config as config_lib
+from flowfeat_jax.eval.knn import pool_to_grid
+from flowfeat_jax.models import vit
+from flowfeat_jax.models.dpt import check_token_grid
 from flowfeat_jax.models.flowfeat import FlowFeat
+from flowfeat_jax.models.vit import normalize_images
+from flowfeat_jax.ports import build
 from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import loop
 
@@ -49,7 +57,7 @@ def load_flowfeat(
     encoder_dir = pathlib.Path(config.model.encoder)
     if config.model.encoder and not encoder_dir.exists() and (directory.parent / "encoder").is_dir():
         config.model.encoder = str(directory.parent / "encoder")  # an imported run dir that was moved
-    model, source = loop.build_flowfeat(config.model, config.seed, init_decoder=False)
+    model, source = build.build_flowfeat(config.model, config.seed, init_decoder=False)
     encoder_params = nnx.to_pure_dict(nnx.state(model.encoder))
     ckpt_lib.check_same_encoder(meta, source, ckpt_lib.tree_digest(encoder_params), directory / str(step))
     decoder_params = nnx.to_pure_dict(nnx.state(model.decoder))  # abstract: shapes only
@@ -87,18 +95,13 @@ class FeatureExtractor:
     batches of one size (pad the last one) to compile once.
 
     Args:
-      model: a FlowFeat, or an encoder module (models.registry; then `flowfeat` is None).
+      model: a FlowFeat, or an encoder module (`models.flowfeat.ENCODER_MODULES`; then `flowfeat` is None).
       size: (H, W) model input size; multiples of 2·patch for FlowFeat, of the patch for an encoder.
       stride: pooling factor of the FlowFeat map (divides both sides of the input).
       dtype: output dtype ("float32" or "float16").
     """
 
     def __init__(self, model, *, size: tuple[int, int] | None = None, stride: int = 1, dtype: str = "float32"):
-        from flowfeat_jax.eval.knn import pool_to_grid
-        from flowfeat_jax.models import vit
-        from flowfeat_jax.models.dpt import check_token_grid
-        from flowfeat_jax.train.step import normalize_images
-
         self.model = model
         self.is_flowfeat = isinstance(model, FlowFeat)
         self.patch_size = model.cfg.encoder.patch_size if self.is_flowfeat else model.cfg.patch_size
@@ -149,22 +152,3 @@ class FeatureExtractor:
 
 def is_weights_file(path: str | pathlib.Path) -> bool:
     return pathlib.Path(path).suffix in (".pth", ".pt", ".safetensors")
-
-
-def load(path: str | pathlib.Path, *, decoder: str = "online", size: tuple[int, int] | None = None,
-         stride: int = 1, dtype: str = "float32") -> FeatureExtractor:
-    """A FlowFeat ready for images: `encoder, flowfeat = flowfeat_jax.load(path)(images_uint8)`.
-
-    `path` is a run directory (or one of its checkpoints) or a reference-layout `.pth` / `.safetensors` file
-    (tools/export_torch.py, or a released FlowFeat model). `decoder` is "online" (default: the model the reference
-    validates and releases, recipe step 12) or "ema" (the teacher); a file holds one decoder (its `decoder_ema`, if
-    any, is the "ema" one). See FeatureExtractor for the call.
-    """
-    if is_weights_file(path):
-        from flowfeat_jax.ports.flowfeat import import_flowfeat  # ports import this module (export_flowfeat)
-
-        with tempfile.TemporaryDirectory(prefix="flowfeat_load_") as tmp:  # the import's run dir, read back at once
-            model, _, _ = load_flowfeat(import_flowfeat(path, pathlib.Path(tmp) / "run"), decoder=decoder)
-    else:
-        model, _, _ = load_flowfeat(path, decoder=decoder)
-    return FeatureExtractor(model, size=size, stride=stride, dtype=dtype)

@@ -30,8 +30,9 @@ def default_workdir(config_path: str) -> str:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Imported after flag parsing, so --help answers without loading JAX.
+    from flowfeat_jax.apps.validation import davis_validation
     from flowfeat_jax.train import loop, sharding
-    from flowfeat_jax.validation import davis_validation
 
     if not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO

@@ -26,7 +26,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors."
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from flowfeat_jax.probes import run as run_lib
+    from flowfeat_jax.probes import run as run_lib  # after flag parsing: --help answers without loading JAX
 
     if not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from flowfeat_jax.config import base_config  # noqa: E402
+from flowfeat_jax.ports import build as build_lib  # noqa: E402
 from flowfeat_jax.train import loop  # noqa: E402
 from flowfeat_jax.train import step as step_lib  # noqa: E402
 
@@ -94,7 +95,7 @@ def tiny_config(num_steps=6):
 
 def tiny_train_state(config):
     """(model, step 0 train state, jitted train step without donation, encoder params) of a config."""
-    model, _ = loop.build_flowfeat(config.model, config.seed)
+    model, _ = build_lib.build_flowfeat(config.model, config.seed)
     graphdef, model_state = nnx.split(model)
     pure = nnx.to_pure_dict(model_state)
     tx = loop.make_optimizer(config.train, config.model.random_decoder)

@@ -33,6 +33,7 @@ from flowfeat_jax import cli
 from flowfeat_jax.data import export, pipeline, records, synthetic
 from flowfeat_jax.data import videos as videos_lib
 from flowfeat_jax.eval import davis as davis_lib
+from flowfeat_jax.ports import build
 from flowfeat_jax.torch_ref.flowfeat import TorchFlowFeat, TorchFlowFeatConfig
 from flowfeat_jax.torch_ref.vit import HubViTConfig
 from flowfeat_jax.train import checkpoint as ckpt_lib
@@ -614,7 +615,7 @@ def test_floating_point_frames_are_refused(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_nan_update_with_a_finite_gradient_is_discarded():
     config = tiny_config()
-    model, _ = loop.build_flowfeat(config.model, config.seed)
+    model, _ = build.build_flowfeat(config.model, config.seed)
     graphdef, model_state = flax_nnx.split(model)
     pure = flax_nnx.to_pure_dict(model_state)
     tx = optax.adamw(float("nan"))  # what --config.train.lr=nan built before validate_config refused it

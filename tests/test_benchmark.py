@@ -102,3 +102,30 @@ def test_unknown_config_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("benchmark: error: no config file 'no_such_config'") and "\n" not in err
     assert not (tmp_path / "b.json").exists()
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_config_overrides_as_for_main(tmp_path, capsys):
+    """`--config.KEY=VALUE` reaches the config with the key's type kept; a misspelled key or a value of the wrong
+    type is a one-line error naming the override, before any work."""
+    from flowfeat_jax import cli
+    from flowfeat_jax.config import load_config
+
+    tool = load_tool()
+    args, overrides = tool.parse_args(["--config", "demo", "--out", "b.json", "--config.train.batch_size=3",
+                                       "--config.model.dtype=bfloat16"])
+    config = cli.apply_config_overrides(load_config(args.config), overrides)
+    assert (config.train.batch_size, config.model.dtype) == (3, "bfloat16")
+    for bad, named in (("--config.train.batch_sise=3", "batch_sise"), ("--config.train.batch_size=two", "two")):
+        assert tool.main(["--config", "demo", "--out", str(tmp_path / "b.json"), bad]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"benchmark: error: config override {bad}") and named in err and "\n" not in err
+    assert not (tmp_path / "b.json").exists()
+    with pytest.raises(SystemExit):  # anything else unknown stays argparse's usage error
+        tool.parse_args(["--config", "demo", "--out", "b.json", "--batchsize", "3"])

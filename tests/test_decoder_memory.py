@@ -12,7 +12,7 @@ from jax._src.ad_checkpoint import saved_residuals  # the jaxpr-level residual l
 
 from flowfeat_jax.config import cpu_config
 from flowfeat_jax.models import dpt
-from flowfeat_jax.train import loop
+from flowfeat_jax.ports import build
 
 CFG = dpt.DPTConfig(vit_dim=32, widths=(32, 32, 32, 32), features=16, patch_size=14)
 HW = (4 * 14, 4 * 14)
@@ -66,5 +66,5 @@ def test_remat_gives_the_same_loss_and_gradients_with_fewer_residuals():
 def test_model_remat_reaches_the_decoder():
     config = cpu_config()
     config.model.remat = True
-    model, _ = loop.build_flowfeat(config.model, 0)
+    model, _ = build.build_flowfeat(config.model, 0)
     assert model.cfg.decoder.remat and model.decoder.cfg.remat

@@ -21,9 +21,10 @@ from flowfeat_jax.config import base_config
 from flowfeat_jax.data import synthetic
 from flowfeat_jax.models import flowfeat as flowfeat_lib
 from flowfeat_jax.models.dinov3 import DINOv3, DINOv3Config, rope_tables
-from flowfeat_jax.models.vit import forward, patch_tokens
+from flowfeat_jax.models.vit import forward, normalize_images, patch_tokens
+from flowfeat_jax.ports import build
 from flowfeat_jax.ports.dinov3 import dinov3_config_from_hf, hf_key_table, load_hf_state_dict
-from flowfeat_jax.ports.vit import from_pretrained
+from flowfeat_jax.ports.registry import from_pretrained
 from flowfeat_jax.train import loop
 from flowfeat_jax.train import step as step_lib
 
@@ -211,7 +212,7 @@ def test_extract_features_tool(hf_models, tmp_path):
     assert features.shape == (4, 6, 32)  # 70x100 -> nearest multiples of 16: 64x96
     model = from_pretrained(directory)
     resized = np.asarray(Image.fromarray(image).resize((96, 64), Image.BILINEAR))
-    expected = forward(model, step_lib.normalize_images(jnp.asarray(resized))[None])  # the tool's normalisation
+    expected = forward(model, normalize_images(jnp.asarray(resized))[None])  # the tool's normalisation
     np.testing.assert_allclose(features, np.asarray(patch_tokens(expected.last_hidden_state, model.cfg,
                                                                  expected.grid)[0]), atol=1e-6, rtol=0)
 
@@ -255,7 +256,7 @@ def _tiny_dinov3_config(encoder_dir=""):
 
 @pytest.mark.slow
 def test_random_init_dinov3_flowfeat():
-    model, source = loop.build_flowfeat(_tiny_dinov3_config().model, seed=0)
+    model, source = build.build_flowfeat(_tiny_dinov3_config().model, seed=0)
     assert isinstance(model.encoder, DINOv3) and source == "random:dinov3_vits16:seed0"
     expected = dataclasses.replace(DINOv3Config.dinov3_vits16(), hidden_size=32, num_layers=4, num_heads=2, mlp_dim=48)
     assert model.encoder.cfg == expected
@@ -263,11 +264,11 @@ def test_random_init_dinov3_flowfeat():
 
 @pytest.mark.slow
 def test_train_step_with_dinov3_checkpoint(tmp_path):
-    """build_flowfeat loads a DINOv3 HF directory (through ports.vit.from_pretrained) and the jitted step trains."""
+    """build_flowfeat loads a DINOv3 HF directory (ports.registry.from_pretrained) and the jitted step trains."""
     torch_model = _tiny_hf("swiglu", num_layers=4)
     torch_model.save_pretrained(tmp_path)
     config = _tiny_dinov3_config(str(tmp_path))
-    model, source = loop.build_flowfeat(config.model, config.seed)
+    model, source = build.build_flowfeat(config.model, config.seed)
     assert isinstance(model.encoder, DINOv3) and model.encoder.cfg.swiglu and source == str(tmp_path)
     np.testing.assert_array_equal(np.asarray(model.encoder.norm.scale[...]), torch_model.norm.weight.detach().numpy())
     graphdef, model_state = nnx.split(model)
@@ -293,6 +294,6 @@ def test_dinov3_configs(name):
     size = name[-3]
     assert config.model.encoder == f"facebook/dinov3-vit{size}16-pretrain-lvd1689m"
     assert config.train.batch_size == 128 and config.train.input_size == 224 and config.train.lr == 1e-4
-    encoder = loop.encoder_config(config.model)
+    encoder = build.encoder_config(config.model)
     assert encoder == getattr(DINOv3Config, f"dinov3_vit{size}16")()
     assert flowfeat_lib.FlowFeatConfig.from_encoder(encoder).hooks == (2, 5, 8, 11)

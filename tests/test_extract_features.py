@@ -15,7 +15,7 @@ import transformers
 from PIL import Image
 
 import flowfeat_jax
-from flowfeat_jax.ports.flowfeat import import_flowfeat
+from flowfeat_jax.apps.torch_files import import_flowfeat
 from flowfeat_jax.torch_ref.flowfeat import TorchFlowFeat, TorchFlowFeatConfig
 from flowfeat_jax.torch_ref.vit import HubViTConfig
 from flowfeat_jax.viz import pca_image

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from flowfeat_jax import gpu_check
+from flowfeat_jax.apps import gpu_check
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

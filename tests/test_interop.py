@@ -14,13 +14,14 @@ import torch
 import transformers
 from flax import nnx
 
+from flowfeat_jax.apps import torch_files
 from flowfeat_jax.inference import load_flowfeat
 from flowfeat_jax.models import vit as vit_lib
 from flowfeat_jax.models.dpt import DPTConfig
 from flowfeat_jax.models.flowfeat import FlowFeat, FlowFeatConfig, forward
 from flowfeat_jax.models.vit import ViTConfig
 from flowfeat_jax.ports import flowfeat as ports
-from flowfeat_jax.ports.vit import from_pretrained
+from flowfeat_jax.ports.registry import from_pretrained
 from flowfeat_jax.torch_ref.flowfeat import TorchFlowFeat, TorchFlowFeatConfig, infer_config, load_torch_flowfeat
 from flowfeat_jax.torch_ref.vit import HubViT, HubViTConfig, mae_sincos_pos_embed
 
@@ -286,7 +287,7 @@ def test_existing_output_is_not_overwritten(tmp_path):
     torch.save(_valid_state(), tmp_path / "ok.pth")
     (tmp_path / "run").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
-        ports.import_flowfeat(tmp_path / "ok.pth", tmp_path / "run")
+        torch_files.import_flowfeat(tmp_path / "ok.pth", tmp_path / "run")
 
 
 # --------------------------------------------------------------------------------------------------------------------

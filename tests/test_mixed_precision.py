@@ -6,6 +6,7 @@ import pytest
 from conftest import tiny_config
 from test_train_loop import read_metrics
 
+from flowfeat_jax.ports import build
 from flowfeat_jax.train import loop
 
 
@@ -29,7 +30,7 @@ def test_bf16_training_follows_f32_curve(tmp_path):
 def test_bf16_model_keeps_f32_params():
     config = tiny_config()
     config.model.dtype = "bfloat16"
-    model, _ = loop.build_flowfeat(config.model, 0)
+    model, _ = build.build_flowfeat(config.model, 0)
     assert model.cfg.encoder.dtype == jnp.bfloat16 and model.cfg.decoder.dtype == jnp.bfloat16
     import flax.nnx as nnx
     import jax

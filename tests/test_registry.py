@@ -9,10 +9,10 @@ import ml_collections
 import pytest
 
 from flowfeat_jax.config import base_config
-from flowfeat_jax.models import registry
 from flowfeat_jax.models.dinov3 import DINOv3, DINOv3Config
+from flowfeat_jax.models.flowfeat import build_encoder
 from flowfeat_jax.models.vit import ViT, ViTConfig
-from flowfeat_jax.train import loop
+from flowfeat_jax.ports import build, registry
 
 PRESETS = [(family, name) for family in registry.FAMILIES for name in family.presets()]
 
@@ -26,7 +26,7 @@ def test_families_are_disjoint_and_complete():
     assert {"dinov2_vits14", "dino_vitb16", "mae_vitl16", "dinov3_vits16", "dinov3_vit7b16"} <= set(names)
     for family in registry.FAMILIES:
         for field in ("config_from_hf", "hf_key_table", "load_hf_state_dict"):
-            assert callable(family.port(field)), (family.name, field)
+            assert callable(getattr(family, field)), (family.name, field)
 
 
 def test_dispatch_by_model_type_and_config():
@@ -45,17 +45,17 @@ def test_every_preset_builds_and_its_table_covers_the_module(family, name):
     parameter exactly once with no stray rows (options such as SwiGLU, registers or missing biases change both)."""
     cfg = registry.preset_config(name, hidden_size=64, num_heads=2, mlp_dim=64, num_layers=2)
     assert isinstance(cfg, family.config_class)
-    module = nnx.eval_shape(lambda: registry.build_encoder(cfg, rngs=nnx.Rngs(0)))
+    module = nnx.eval_shape(lambda: build_encoder(cfg, rngs=nnx.Rngs(0)))
     assert isinstance(module, family.module_class) and module.cfg == cfg
     params = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))}
-    rows = family.port("hf_key_table")(cfg)
+    rows = family.hf_key_table(cfg)
     assert sorted(row.nnx_path for row in rows) == sorted(params)
     for field in ("disk_names", "memory_names"):
         names = [n for row in rows for n in getattr(row, field)]
         assert len(names) == len(set(names)), field
 
 
-def test_preset_config_and_loop_encoder_config():
+def test_preset_config_and_build_encoder_config():
     assert registry.preset_config("dinov2_vits14") == ViTConfig.dinov2_vits14()
     assert registry.preset_config("dinov3_vitl16", num_layers=4) == dataclasses.replace(
         DINOv3Config.dinov3_vitl16(), num_layers=4)
@@ -67,8 +67,8 @@ def test_preset_config_and_loop_encoder_config():
     model_cfg.encoder_arch = "dinov3_vits16plus"
     model_cfg.encoder_size.num_layers = 4
     model_cfg.dtype = "bfloat16"
-    cfg = loop.encoder_config(model_cfg)
+    cfg = build.encoder_config(model_cfg)
     assert isinstance(cfg, DINOv3Config) and cfg.swiglu and cfg.num_layers == 4 and cfg.dtype == "bfloat16"
     model_cfg.encoder_arch = "resnet50"
     with pytest.raises(ValueError, match="model.encoder_arch: unknown encoder preset 'resnet50'"):
-        loop.encoder_config(model_cfg)
+        build.encoder_config(model_cfg)

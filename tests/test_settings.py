@@ -21,15 +21,15 @@ PACKAGE = pathlib.Path(flowfeat_jax.__file__).parent
 # <section>_cfg.<key>, or config.<key> at the top level). A whole sub-section read at once is listed once.
 DIRECT_READERS = {
     "seed": "train/loop.py",  # train(): model init, data order, per-step randomness
-    "model.encoder": "train/loop.py",  # build_flowfeat
-    "model.encoder_arch": "train/loop.py",  # encoder_config
-    "model.encoder_size": "train/loop.py",  # encoder_config: the non-zero entries, as preset_config(**sizes)
-    "model.pos_interp": "train/loop.py",  # build_flowfeat
-    "model.features": "train/loop.py",  # build_flowfeat
-    "model.hooks": "train/loop.py",  # build_flowfeat
-    "model.dtype": "train/loop.py",  # build_flowfeat, encoder_config
+    "model.encoder": "ports/build.py",  # build_flowfeat
+    "model.encoder_arch": "ports/build.py",  # encoder_config
+    "model.encoder_size": "ports/build.py",  # encoder_config: the non-zero entries, as preset_config(**sizes)
+    "model.pos_interp": "ports/build.py",  # build_flowfeat
+    "model.features": "ports/build.py",  # build_flowfeat
+    "model.hooks": "ports/build.py",  # build_flowfeat
+    "model.dtype": "ports/build.py",  # build_flowfeat, encoder_config
     "model.random_decoder": "train/loop.py",  # train(): make_optimizer(..., random_decoder)
-    "model.remat": "train/loop.py",  # build_flowfeat
+    "model.remat": "ports/build.py",  # build_flowfeat
     "data.source": "train/loop.py",  # make_batches
     "data.records": "train/loop.py",  # ensure_records
     "data.videos": "train/loop.py",  # ensure_records
@@ -43,12 +43,12 @@ DIRECT_READERS = {
     "train.keep_checkpoints": "train/loop.py",  # train()
     "train.max_nonfinite": "train/loop.py",  # train()
     "train.allow_changes": "train/loop.py",  # train(): resume with changed settings
-    "eval.davis": "validation.py",  # davis_validation
-    "eval.split": "validation.py",
-    "eval.sequences": "validation.py",
-    "eval.protocols": "validation.py",
-    "eval.short_side": "validation.py",
-    "eval.max_frames": "validation.py",
+    "eval.davis": "apps/validation.py",  # davis_validation
+    "eval.split": "apps/validation.py",
+    "eval.sequences": "apps/validation.py",
+    "eval.protocols": "apps/validation.py",
+    "eval.short_side": "apps/validation.py",
+    "eval.max_frames": "apps/validation.py",
     "eval.every": "train/loop.py",  # train()
     "eval.keep_best": "train/loop.py",  # train(): BestCheckpoint
     "eval.decoder": "train/loop.py",  # train(): the decoder validated

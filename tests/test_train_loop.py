@@ -16,6 +16,7 @@ from conftest import read_tensorboard_events, tiny_config, tiny_train_state
 from flowfeat_jax import inference
 from flowfeat_jax.data import synthetic
 from flowfeat_jax.models import ops
+from flowfeat_jax.ports import build
 from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import loop
 
@@ -328,7 +329,7 @@ def test_paper_configs_hold_released_defaults(name):
     assert (config.loss.ridge_alpha, config.loss.flow_weight, config.loss.sigma) == (released_alpha, 0.1, 0.1)
     assert (config.ema.beta, config.ema.update_every) == (0.999, 5)
     # The named preset exists, so a random-init run of the same architecture can be built.
-    loop.encoder_config(config.model)
+    build.encoder_config(config.model)
 
 
 def test_run_after_keeps_values_and_a_dependency_that_survives_compilation():

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_config, tiny_train_state
 
 from flowfeat_jax.data import synthetic
+from flowfeat_jax.models.vit import normalize_images
 from flowfeat_jax.ports import dpt as dpt_ports
 from flowfeat_jax.ports import flowfeat as flowfeat_ports
 from flowfeat_jax.torch_ref import flowfeat as torch_flowfeat
@@ -51,7 +52,7 @@ def one_step():
     trainer = torch_ref.TorchFlowFeatTrainer(
         torch_model, torch_ref.TorchStepConfig.from_sections(config.train, config.loss, config.ema)
     )
-    frames = nchw(step_lib.normalize_images(batch["frame"]))
+    frames = nchw(normalize_images(batch["frame"]))
     terms = trainer.step(frames, nchw(batch["flow"]), *(torch.from_numpy(np.asarray(t)) for t in thetas))
     # Parameters the loss does not reach keep grad None in torch (zero in JAX).
     grads = [p.grad.norm() for p in torch_model.decoder.parameters() if p.grad is not None]

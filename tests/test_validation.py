@@ -1,6 +1,6 @@
-"""flowfeat_jax.validation: the in-training DAVIS callback passes the eval section through and names its scores."""
+"""flowfeat_jax.apps.validation: the in-training DAVIS callback passes the eval section through and names its scores."""
 
-from flowfeat_jax import validation
+from flowfeat_jax.apps import validation
 from flowfeat_jax.config import base_config
 from flowfeat_jax.eval import features
 

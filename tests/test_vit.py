@@ -13,7 +13,8 @@ import transformers
 from conftest import random_images, save_hf_models
 
 from flowfeat_jax.models.vit import ViTConfig, bicubic_resize_matrix, forward, patch_tokens, resize_pos_table
-from flowfeat_jax.ports.vit import from_pretrained, hf_key_table, vit_config_from_hf
+from flowfeat_jax.ports.registry import from_pretrained
+from flowfeat_jax.ports.vit import hf_key_table, vit_config_from_hf
 
 TOL = 1e-4
 SIZES = [(224, 224), (112, 336)]  # stored grid at 224; the second needs interpolation (and downsampling)

@@ -32,7 +32,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from flowfeat_jax import bench, cli
+    from flowfeat_jax import cli
+    from flowfeat_jax.apps import bench
 
     def run():
         if not pathlib.Path(args.records).is_dir():

@@ -31,7 +31,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from flowfeat_jax import cli
-    from flowfeat_jax.ports.flowfeat import export_flowfeat  # after argument parsing, so --help answers at once
+    from flowfeat_jax.apps.torch_files import export_flowfeat  # after argument parsing, so --help answers at once
 
     def run() -> None:
         state, notes = export_flowfeat(args.checkpoint, args.out, decoder=args.decoder,

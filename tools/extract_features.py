@@ -100,13 +100,13 @@ def check_outputs(args: argparse.Namespace, single: bool) -> None:
 
 
 def make_extractor(args: argparse.Namespace):
+    import flowfeat_jax  # after argument parsing, so --help answers at once
     from flowfeat_jax import inference
+    from flowfeat_jax.ports.registry import from_pretrained
 
     if args.checkpoint:
-        return inference.load(args.checkpoint, decoder=args.decoder, size=args.size, stride=args.stride,
-                              dtype=args.dtype)
-    from flowfeat_jax.ports.vit import from_pretrained
-
+        return flowfeat_jax.load(args.checkpoint, decoder=args.decoder, size=args.size, stride=args.stride,
+                                 dtype=args.dtype)
     encoder = from_pretrained(args.encoder, pos_interp=args.pos_interp)
     return inference.FeatureExtractor(encoder, size=args.size, dtype=args.dtype)
 

@@ -25,7 +25,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from flowfeat_jax import cli, gpu_check
+    from flowfeat_jax import cli
+    from flowfeat_jax.apps import gpu_check
 
     def run():
         out = args.out or (pathlib.Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from flowfeat_jax import cli
     from flowfeat_jax.config import load_config, validate_config
-    from flowfeat_jax.ports.flowfeat import import_flowfeat  # after argument parsing, so --help answers at once
+    from flowfeat_jax.apps.torch_files import import_flowfeat  # after argument parsing, so --help answers at once
 
     def run() -> None:
         config = load_config(args.config) if args.config else None

@@ -2,7 +2,7 @@
 
 Rows of the comparison (same config, same seed, so all three share one frozen encoder):
 - "encoder": the encoder's final-LayerNorm patch features (`FlowFeat.encode(...).final`);
-- "untrained": the decoder as initialised, before any step (`loop.build_flowfeat`): what the DPT architecture alone
+- "untrained": the decoder as initialised, before any step (`build.build_flowfeat`): what the DPT architecture alone
   adds to the encoder, the control that shows whether training is what makes a difference;
 - "flowfeat": the trained run's online decoder (`inference.load_flowfeat`), the model the reference validates and
   releases (recipe.md step 12); `--config.eval.decoder=ema` scores the EMA teacher instead.
@@ -24,7 +24,12 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from flowfeat_jax import viz
+from flowfeat_jax import inference, viz
+from flowfeat_jax.apps import validation
+from flowfeat_jax.eval import davis
+from flowfeat_jax.eval import features as features_lib
+from flowfeat_jax.ports import build
+from flowfeat_jax.train import loop
 
 ROWS = ("encoder", "untrained", "flowfeat")
 ROW_LABELS = {"encoder": "encoder features", "untrained": "untrained decoder", "flowfeat": "FlowFeat (trained)"}
@@ -148,8 +153,6 @@ def pca_comparison(models: dict, frames: Sequence[np.ndarray], input_hw: Sequenc
     `models` maps "untrained" and "flowfeat" to FlowFeat modules that share the encoder; each PCA is fitted on its own
     features of that frame (viz.pca_image), encoder features shown with nearest-neighbour patch blocks.
     """
-    from flowfeat_jax.eval import features as features_lib
-
     feature_fns = {row: features_lib.make_feature_fn(model, "flowfeat") for row, model in models.items()}
     rows = []
     for frame, hw in zip(frames, input_hw):
@@ -187,11 +190,6 @@ def run_experiment(
     Writes into `out_dir`: `table.md`, `table.csv`, `results.json` (scores, timings, run facts), `bar_chart.png`,
     `pca.png`, `loss.png`, and per row the outputs of `evaluate_davis` under `out_dir/eval/<row>/`.
     """
-    from flowfeat_jax import inference, validation
-    from flowfeat_jax.eval import davis
-    from flowfeat_jax.eval import features as features_lib
-    from flowfeat_jax.train import loop
-
     workdir, out_dir = pathlib.Path(workdir), pathlib.Path(out_dir)
     sequences = list(sequences) if sequences else davis.list_sequences(davis_root, split)
     timings = {}
@@ -200,7 +198,7 @@ def run_experiment(
     timings["train_s"] = time.perf_counter() - start
 
     trained, _, step = inference.load_flowfeat(workdir, decoder=config.eval.decoder)
-    untrained, _ = loop.build_flowfeat(config.model, config.seed)
+    untrained, _ = build.build_flowfeat(config.model, config.seed)
     common = {
         "split": split,
         "sequences": sequences,
@@ -320,11 +318,6 @@ def run_ablation_sweep(
     Resumable per run: a finished run is not trained again, and scores are kept in `<run>/scores.json` beside the
     settings they were computed with (other settings -> scored again).
     """
-    from flowfeat_jax import inference
-    from flowfeat_jax.eval import davis
-    from flowfeat_jax.eval import features as features_lib
-    from flowfeat_jax.train import loop
-
     if "full" not in ablations:
         raise ValueError("the sweep needs the 'full' row (every delta is taken against it)")
     if not seeds:
@@ -350,7 +343,7 @@ def run_ablation_sweep(
         controls = _cached_scores(control_path, settings)
         if controls is None:
             start = time.perf_counter()
-            untrained, _ = loop.build_flowfeat(config.model, seed)
+            untrained, _ = build.build_flowfeat(config.model, seed)
             scores = features_lib.evaluate_davis(
                 untrained, davis_root, control_path.parent / "eval", feature_kinds=("encoder", "flowfeat"),
                 **eval_kwargs,

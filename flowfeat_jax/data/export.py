@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import tqdm
+from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from flowfeat_jax.data import records, videos
@@ -206,8 +207,6 @@ def _write_shard(
     progress: tqdm.tqdm,
 ) -> dict:
     """Writes one shard (tmp names, then rename, then its json); returns the shard json."""
-    from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
-
     frames_name, flows_name = f"frames-{tag}.array_record", f"flows-{tag}.array_record"
     frames_tmp, flows_tmp = out_dir / (frames_name + ".tmp"), out_dir / (flows_name + ".tmp")
     frame_writer = ArrayRecordWriter(str(frames_tmp), records.WRITER_OPTIONS)

@@ -25,6 +25,7 @@ import os
 
 import cv2
 import grain
+import jax
 import numpy as np
 from absl import flags
 from PIL import Image
@@ -150,8 +151,6 @@ def make_pair_dataset(
     if not isinstance(records, records_lib.FlowRecords):
         records = records_lib.open_flow_records(records)
     if shard_index is None or shard_count is None:
-        import jax  # noqa: PLC0415
-
         shard_index, shard_count = jax.process_index(), jax.process_count()
     size = epoch_size(records.num_videos, batch_size * shard_count)
     ds = grain.MapDataset.range(size).shuffle(seed=seed).repeat(num_epochs)

@@ -35,8 +35,9 @@ import struct
 from collections.abc import Sequence
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
 
-from flowfeat_jax import cli
+from flowfeat_jax import errors
 
 RECORD_MAGIC = b"FFR1"
 FORMAT = "flowfeat-flow-records/1"
@@ -112,7 +113,7 @@ def write_json_atomic(path: pathlib.Path, content: dict) -> None:
 
 def read_json(path: pathlib.Path) -> dict:
     """A manifest or shard json; ValueError naming the file when it is not a JSON object."""
-    return cli.read_json_object(path, hint="delete the export and export again")
+    return errors.read_json_object(path, hint="delete the export and export again")
 
 
 def check_manifest(path: pathlib.Path, manifest: dict) -> None:
@@ -215,8 +216,6 @@ class FlowRecords:
 def _check_shard_file(root: pathlib.Path, name: str, size: int, count: int) -> str:
     """The path of a shard file that exists, has the manifest's size, opens as ArrayRecord (its footer and index read,
     not its records) and holds the manifest's record count; else one error naming it."""
-    from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
-
     path = root / name
     if not path.is_file():
         raise FileNotFoundError(f"shard file {path} listed in the manifest is missing")
@@ -280,8 +279,6 @@ def open_flow_records(export_dir: str | os.PathLike) -> FlowRecords:
 
 def read_all_pairs(records: FlowRecords, videos: Sequence[int] | None = None) -> dict[tuple[int, int, int], np.ndarray]:
     """All flows of an export as {(video id, t, partner): float32 (F, F, 2)}; for tests and inspection."""
-    from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
-
     flows = {}
     for path in records.flow_files:
         reader = ArrayRecordReader(path)

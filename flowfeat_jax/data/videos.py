@@ -107,7 +107,7 @@ def _open_container(path: pathlib.Path):
 
 def count_video_file_frames(path: pathlib.Path) -> int:
     """Frame count of a video file: the container header's when it has one, else by decoding."""
-    import av  # noqa: PLC0415
+    import av  # noqa: PLC0415  (PyAV only where video files are used)
 
     container = _open_container(path)
     try:
@@ -272,7 +272,7 @@ def iter_frames(video: Video) -> Iterator[np.ndarray]:
     """
     first_shape = None
     if video.is_file:
-        import av  # noqa: PLC0415
+        import av  # noqa: PLC0415  (PyAV only where video files are used)
 
         container = _open_container(video.path)
         try:

@@ -15,7 +15,7 @@ from flowfeat_jax.eval.knn import KnnSettings
 from flowfeat_jax.eval.linear_probe import ProbeSettings
 from flowfeat_jax.eval.vos import FEATURE_KINDS
 from flowfeat_jax.models.flowfeat import FlowFeat
-from flowfeat_jax.train.step import normalize_images
+from flowfeat_jax.models.vit import normalize_images
 
 
 def davis_input_geometry(patch_size: int, short_side: int = 480) -> tuple[int, int]:

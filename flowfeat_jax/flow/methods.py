@@ -29,7 +29,7 @@ def make_flow_method(
     if name == "dis":
         if checkpoint is not None:
             raise ValueError(f"flow method 'dis' takes no checkpoint (got {checkpoint})")
-        from flowfeat_jax.flow.dis import DisFlow  # noqa: PLC0415
+        from flowfeat_jax.flow.dis import DisFlow  # noqa: PLC0415  (OpenCV only for this method)
 
         return DisFlow()
     if name not in METHODS:
@@ -39,11 +39,11 @@ def make_flow_method(
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"flow checkpoint not found: {checkpoint}")
     if name == "searaft":
-        from flowfeat_jax.flow.searaft import SeaRaftFlow  # noqa: PLC0415
+        from flowfeat_jax.flow.searaft import SeaRaftFlow  # noqa: PLC0415  (torch: network methods only)
 
         return SeaRaftFlow(checkpoint, device=device, iters=iters)
     try:
-        from flowfeat_jax.flow.raft import RaftFlow  # noqa: PLC0415
+        from flowfeat_jax.flow.raft import RaftFlow  # noqa: PLC0415  (torch: network methods only)
     except ModuleNotFoundError as e:
         if e.name != "flowfeat_jax.flow.raft":
             raise

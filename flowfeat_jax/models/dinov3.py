@@ -9,7 +9,7 @@ What differs from the DINOv2 ViT:
 - separate q/k/v projections, the key without bias (checkpoints store none; the original code masks it to zero);
 - always layer scale and 4 register tokens; LayerNorm eps 1e-5; the "plus" and 7B models use a SwiGLU MLP.
 RoPE augmentation (coordinate shift / jitter / rescale) is a training-time option of the reference and is off here,
-as in the reference at eval. Weights come from `flowfeat_jax.ports.dinov3` (or `ports.vit.from_pretrained`).
+as in the reference at eval. Weights come from `flowfeat_jax.ports.dinov3` (or `ports.registry.from_pretrained`).
 
 Images are NHWC, ImageNet-normalised (recipe "Image normalisation").
 """

@@ -11,9 +11,20 @@ from typing import NamedTuple
 import jax
 from flax import nnx
 
-from flowfeat_jax.models import registry
+from flowfeat_jax.models.dinov3 import DINOv3, DINOv3Config
 from flowfeat_jax.models.dpt import DPT, DPTConfig, check_token_grid
-from flowfeat_jax.models.vit import ViTConfig, patch_tokens
+from flowfeat_jax.models.vit import ViT, ViTConfig, patch_tokens
+
+# The encoder module of each encoder config type; `ports.registry.FAMILIES` adds each family's Hugging Face port.
+ENCODER_MODULES: dict[type, type] = {ViTConfig: ViT, DINOv3Config: DINOv3}
+
+
+def build_encoder(cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The encoder module of a config (a ViT for a ViTConfig, a DINOv3 for a DINOv3Config, ...)."""
+    if type(cfg) not in ENCODER_MODULES:
+        raise ValueError(f"no encoder family for config type {type(cfg).__name__}; known: "
+                         f"{[c.__name__ for c in ENCODER_MODULES]}")
+    return ENCODER_MODULES[type(cfg)](cfg, rngs=rngs)
 
 
 def default_hooks(num_layers: int) -> tuple[int, int, int, int]:
@@ -27,7 +38,7 @@ def default_hooks(num_layers: int) -> tuple[int, int, int, int]:
 @dataclasses.dataclass(frozen=True)
 class FlowFeatConfig:
     """Encoder and decoder configs plus the four encoder blocks the decoder reads, in increasing order. The encoder
-    config is a ViTConfig or any config of `models.registry` (e.g. DINOv3Config)."""
+    config is a ViTConfig or any config of `ENCODER_MODULES` (e.g. DINOv3Config)."""
 
     encoder: ViTConfig
     decoder: DPTConfig
@@ -65,7 +76,7 @@ class FlowFeat(nnx.Module):
 
     def __init__(self, cfg: FlowFeatConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.encoder = registry.build_encoder(cfg.encoder, rngs=rngs)  # ViT, DINOv3, ... by config type
+        self.encoder = build_encoder(cfg.encoder, rngs=rngs)  # ViT, DINOv3, ... by config type
         self.decoder = DPT(cfg.decoder, rngs=rngs)
 
     def encode(self, images: jax.Array) -> EncoderFeatures:

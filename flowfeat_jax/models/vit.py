@@ -3,7 +3,7 @@
 One pre-norm transformer covers all three families (recipe "Backbones"); they differ only in layer scale (DINOv2),
 SwiGLU (DINOv2 giant), register tokens, LayerNorm eps and how the stored position table is resized to the token grid.
 Module names follow the torch-hub DINO/DINOv2 code (`patch_embed.proj`, `blocks.N.attn.qkv`, `ls1.gamma`, `norm`)
-so that port tables map one-to-one. Weights come from `flowfeat_jax.ports.vit.from_pretrained`.
+so that port tables map one-to-one. Weights come from `flowfeat_jax.ports.registry.from_pretrained`.
 
 Images are NHWC, ImageNet-normalised (recipe "Image normalisation").
 """
@@ -295,6 +295,17 @@ class Block(nnx.Module):
         x = x + (self.ls1(branch) if self.ls1 is not None else branch)
         branch = self.mlp(self.norm2(x))
         return x + (self.ls2(branch) if self.ls2 is not None else branch)
+
+
+# Every encoder family (ViT, DINOv3, ...) was pre-trained on ImageNet-normalised RGB.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(frames_uint8: jax.Array) -> jax.Array:
+    """uint8 RGB (B, H, W, 3) -> float32 ImageNet-normalised (recipe.md "Image normalisation")."""
+    x = frames_uint8.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
 def check_image_size(height: int, width: int, patch_size: int) -> None:

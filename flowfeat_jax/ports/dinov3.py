@@ -4,8 +4,8 @@ One explicit table, `hf_key_table(cfg)`, in the KeyRow style of `ports.vit` (NNX
 transformers-5 in-memory names). On disk (the hub's model.safetensors, and what `save_pretrained` writes) the blocks
 are `layer.N.*`; a transformers-5 module's state_dict calls them `model.layer.N.*`. The SwiGLU gate|up projections
 are concatenated into the fused `mlp.w12` along the torch output axis. Loading is strict (`ports.vit.load_table`):
-every missing, unmapped or mis-shaped key is named in one error. `ports.vit.from_pretrained` loads these checkpoints
-by their model_type.
+every missing, unmapped or mis-shaped key is named in one error. `ports.registry.from_pretrained` loads these
+checkpoints by their model_type.
 """
 
 import re

@@ -1,4 +1,4 @@
-"""Released FlowFeat `.pth` files <-> JAX run directories (issue 7).
+"""Released FlowFeat `.pth` state dicts <-> JAX FlowFeat modules (issue 7): key tables, layouts, architectures.
 
 A reference file is the state dict of model.py FlowFeat: `encoder.*` in torch-hub ViT names (DINO, DINOv2, MAE) and
 `decoder.*` in reference DecodeDPT names; a training snapshot ({"model": ...} of FlowFeatTrain) also holds the EMA
@@ -12,31 +12,25 @@ Export writes the architecture beside the tensors (`torch_ref.flowfeat.architect
 `<file>.pth.json`), including the head count, the family and pos_interp, so an import rebuilds the same model; files
 without it (released reference checkpoints) are read from their shapes, refusing what the shapes leave open.
 
-Import writes a run directory that `main` (fine-tuning), `inference.load_flowfeat`, evaluation and
-tools/extract_features.py read: config.json, checkpoints/0/{state,meta} and encoder/ (an HF-format copy of the
-encoder: config.json + model.safetensors), with config.model.encoder = that directory and pos_interp = the file's
-('hub' for a released file).
+Run directories (import of a file into a run, export of a run's checkpoint) are the app layer's:
+`apps/torch_files.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import pathlib
-import shutil
-import tempfile
+import pickle
 from collections.abc import Mapping
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
-from flowfeat_jax.models.dpt import DPT, DPTConfig
+from flowfeat_jax.models.dpt import DPTConfig
 from flowfeat_jax.models.flowfeat import FlowFeat, FlowFeatConfig, default_hooks
 from flowfeat_jax.models.vit import ViTConfig
 from flowfeat_jax.ports import dpt as dpt_ports
@@ -134,17 +128,15 @@ def flowfeat_state_dict(model: FlowFeat, mask_token: np.ndarray | None = None) -
         state["encoder." + _MASK_TOKEN_HUB] = np.asarray(token, np.float32)
     for key, value in dpt_ports.dpt_state_dict(model.decoder).items():
         state["decoder." + key] = np.asarray(value, np.float32)
-    _check_against_reference(state, reference_shapes(cfg), "exported state dict")
+    check_against_reference(state, reference_shapes(cfg), "exported state dict")
     return {k: np.ascontiguousarray(v) for k, v in state.items()}
 
 
-def _stored_mask_token(encoder: str) -> np.ndarray | None:
+def stored_mask_token(encoder: str) -> np.ndarray | None:
     """The DINOv2 mask token of a local HF encoder directory (kept there by the import), else None."""
     weights = pathlib.Path(encoder) / "model.safetensors"
     if not weights.is_file():
         return None
-    from safetensors import safe_open
-
     with safe_open(weights, "np") as f:
         return f.get_tensor(_MASK_TOKEN_HF) if _MASK_TOKEN_HF in f.keys() else None
 
@@ -161,35 +153,8 @@ def export_architecture(cfg: FlowFeatConfig) -> dict:
     return torch_flowfeat.architecture_dict(torch_cfg, family=enc.family, pos_interp=enc.pos_interp)
 
 
-def check_export_path(out: pathlib.Path, use_safetensors: bool, overwrite: bool) -> None:
-    """Refuses, before any work, an output that is a folder, an existing file (unless `overwrite`), in a missing
-    folder, or whose suffix contradicts the format (a .pth written as safetensors, or the reverse)."""
-    if out.is_dir():
-        raise IsADirectoryError(f"{out} is a folder; give the output file, e.g. {out / 'flowfeat.pth'}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
-    if not out.absolute().parent.is_dir():
-        raise FileNotFoundError(f"output folder of {out} does not exist")
-    if use_safetensors != (out.suffix == ".safetensors"):
-        wanted = ".safetensors (with --safetensors)" if use_safetensors else ".pth (or --safetensors for .safetensors)"
-        raise ValueError(f"{out}: the file name must end in {wanted}")
-
-
-def export_flowfeat(checkpoint: str | pathlib.Path, out: str | pathlib.Path, *, decoder: str = "online",
-                    use_safetensors: bool = False, overwrite: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Writes the reference state dict of a run directory / checkpoint to `out` (.pth, or .safetensors), with its
-    architecture (safetensors metadata, or `<out>.json` beside a .pth; `torch_ref.flowfeat.read_architecture`).
-
-    Returns the state dict and notes on where torch outputs will differ (position resizing, LayerNorm eps).
-    """
-    from flowfeat_jax.inference import load_flowfeat
-
-    out = pathlib.Path(out)
-    check_export_path(out, use_safetensors, overwrite)
-    model, config, _ = load_flowfeat(checkpoint, decoder=decoder)
-    state = flowfeat_state_dict(model, _stored_mask_token(config.model.encoder))
-    architecture = json.dumps(export_architecture(model.cfg))
-    enc = model.cfg.encoder
+def export_notes(enc: ViTConfig) -> list[str]:
+    """Where a torch (hub) model loaded from an export of this encoder computes other outputs than the JAX one."""
     notes = []
     if enc.pos_interp != "hub":
         # Both resizings leave the table as stored at its own square grid, and only there do they agree.
@@ -202,26 +167,7 @@ def export_flowfeat(checkpoint: str | pathlib.Path, out: str | pathlib.Path, *, 
                      f"FlowFeat outputs match exactly {where}")
     if enc.layer_norm_eps != _HUB_EPS:
         notes.append(f"the encoder LayerNorm eps is {enc.layer_norm_eps:g}, the hub model uses {_HUB_EPS:g}")
-    import torch
-
-    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}  # writable copies
-    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: never a half-written `out`
-    sidecar = torch_flowfeat.architecture_path(out)
-    sidecar_tmp = sidecar.with_name(f".{sidecar.name}.tmp")
-    try:
-        if use_safetensors:
-            from safetensors.torch import save_file
-
-            save_file(tensors, tmp, metadata={"format": "pt", torch_flowfeat.ARCHITECTURE_KEY: architecture})
-        else:
-            torch.save(tensors, tmp)
-            sidecar_tmp.write_text(architecture + "\n")
-            os.replace(sidecar_tmp, sidecar)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        sidecar_tmp.unlink(missing_ok=True)
-    return state, notes
+    return notes
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -235,12 +181,8 @@ def read_reference_file(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
         return {k: v.astype(np.float32) for k, v in load_file(path).items()}
-    import torch
-
-    import pickle
+    import torch  # heavy, and only for .pth files
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -273,7 +215,7 @@ def split_reference_state_dict(state: Mapping[str, np.ndarray]) -> tuple[dict, d
     return encoder, decoder, ema or None
 
 
-def _check_against_reference(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple], what: str) -> None:
+def check_against_reference(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple], what: str) -> None:
     """One ValueError naming every missing, unexpected and mis-shaped key."""
     problems = [f"missing key {k}" for k in sorted(set(expected) - set(state))]
     problems += [f"unexpected key {k}" for k in sorted(set(state) - set(expected))]
@@ -363,8 +305,6 @@ def hf_config_dict(cfg: ViTConfig) -> dict:
 
 def write_hf_encoder(directory: pathlib.Path, encoder_state: Mapping[str, np.ndarray], cfg: ViTConfig) -> None:
     """An HF-format copy of a hub encoder (`encoder.*` keys): config.json + model.safetensors in HF on-disk names."""
-    from safetensors.numpy import save_file
-
     tensors = {}
     for row in hub_key_table(cfg):
         parts = np.split(encoder_state["encoder." + row.hub_name], len(row.hf_names), axis=0)  # q|k|v
@@ -375,132 +315,3 @@ def write_hf_encoder(directory: pathlib.Path, encoder_state: Mapping[str, np.nda
     (directory / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, directory / "model.safetensors",
               metadata={"format": "pt"})
-
-
-def _file_sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _config_for_import(config: ml_collections.ConfigDict | None, cfg: FlowFeatConfig) -> ml_collections.ConfigDict:
-    """The run config: `config` (or the base config) with encoder, pos_interp and features of the file; a given
-    config's encoder sizes must match the file."""
-    from flowfeat_jax.config import base_config
-    from flowfeat_jax.train import loop
-
-    enc = cfg.encoder
-    if config is None:
-        config = base_config()
-        for name in ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14", "dino_vits16", "dino_vitb16",
-                     "mae_vitb16", "mae_vitl16"):
-            preset = getattr(ViTConfig, name)()
-            same = ("family", "patch_size", "hidden_size", "num_layers")
-            if all(getattr(preset, f) == getattr(enc, f) for f in same):
-                config.model.encoder_arch = name
-    else:
-        config = ml_collections.ConfigDict(config.to_dict())
-        named = loop.encoder_config(config.model)
-        fields = ("family", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
-        differ = [f"{f} {getattr(named, f)} (file: {getattr(enc, f)})" for f in fields
-                  if getattr(named, f) != getattr(enc, f)]
-        if differ:
-            raise ValueError(f"the config's encoder ({config.model.encoder_arch}) does not match the file: "
-                             + ", ".join(differ))
-    config.model.features = cfg.decoder.features
-    config.model.hooks = ()
-    config.model.pos_interp = enc.pos_interp
-    return config
-
-
-def _make_readable(root: pathlib.Path) -> None:
-    """Give the mkdtemp directory (0700) and the files in it the permissions of newly created ones (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def import_flowfeat(pth: str | pathlib.Path, out_dir: str | pathlib.Path,
-                    config: ml_collections.ConfigDict | None = None, *, num_heads: int | None = None,
-                    family: str | None = None) -> pathlib.Path:
-    """Converts a FlowFeat file into a run directory `out_dir` (must not exist); returns its absolute path.
-
-    The architecture comes from the file when it carries one (exports of this project), else from its shapes:
-    `num_heads` (or the config's) is needed for widths other than the released ones, and `family` (or the config's)
-    decides DINO vs MAE where the weights do not. `config` (an experiment config, e.g. configs/<name>.py) supplies
-    the training settings for fine-tuning; without it the base config is used. Raises ValueError naming every
-    missing, unexpected or mis-shaped key; nothing is written then.
-    """
-    from flowfeat_jax.train import checkpoint as ckpt_lib
-    from flowfeat_jax.train import loop
-
-    pth, out_dir = pathlib.Path(pth), pathlib.Path(out_dir).absolute()
-    if num_heads is not None and num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
-    if not out_dir.parent.is_dir():
-        raise FileNotFoundError(f"output folder {out_dir.parent} does not exist")
-    state = read_reference_file(pth)
-    architecture = torch_flowfeat.read_architecture(pth)
-    encoder_state, decoder_state, ema_state = split_reference_state_dict(state)
-    if config is not None and architecture is None:
-        named = loop.encoder_config(config.model)
-        family, num_heads = family or named.family, num_heads or named.num_heads
-    try:
-        cfg = infer_flowfeat_config({**encoder_state, **decoder_state}, family=family, num_heads=num_heads,
-                                    architecture=architecture)
-    except ValueError as error:
-        raise ValueError(f"{pth}: {error}") from None
-    expected = reference_shapes(cfg)
-    _check_against_reference({**encoder_state, **decoder_state}, expected, str(pth))
-    if ema_state is not None:
-        _check_against_reference(ema_state, {k: v for k, v in expected.items() if k.startswith("decoder.")},
-                                 f"{pth} (decoder_ema.ema_model)")
-    config = _config_for_import(config, cfg)
-    final_encoder = out_dir / "encoder"
-
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        write_hf_encoder(tmp / "encoder", encoder_state, cfg.encoder)
-        # What loop.build_flowfeat builds from this config, without its random init (the weights replace it).
-        dtype = jnp.dtype(config.model.dtype)
-        encoder = vit_ports.from_pretrained(str(tmp / "encoder"), dtype=dtype, pos_interp=cfg.encoder.pos_interp)
-        built = FlowFeatConfig.from_encoder(encoder.cfg, features=config.model.features)
-        if built.decoder.widths != cfg.decoder.widths:
-            raise ValueError(f"{pth}: decoder widths {cfg.decoder.widths} differ from {built.decoder.widths}, "
-                             f"the ones this project builds for a {cfg.encoder.family} encoder")
-        config.model.encoder = str(final_encoder)
-        decoder = nnx.eval_shape(lambda: DPT(built.decoder, rngs=nnx.Rngs(0)))
-
-        def decoder_params(prefixed):
-            dpt_ports.load_dpt_state_dict(decoder, {k[len("decoder."):]: v for k, v in prefixed.items()})
-            return jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(decoder)))
-
-        ema = decoder_params(ema_state) if ema_state is not None else None
-        online = decoder_params(decoder_state)
-        tx = loop.make_optimizer(config.train, config.model.random_decoder)
-        train_state = loop.init_train_state(online, tx, config.seed)
-        if ema is not None:
-            train_state = train_state.replace(ema_params=ema)
-        encoder_digest = ckpt_lib.tree_digest(nnx.to_pure_dict(nnx.state(encoder)))
-        meta = {
-            "config": json.loads(config.to_json_best_effort()),
-            "encoder": {"source": str(final_encoder), "digest": encoder_digest},
-            "model": {"flowfeat": repr(built)},
-            "imported": {"file": str(pth.absolute()), "sha256": _file_sha256(pth), "ema": ema is not None},
-        }
-        checkpointer = ckpt_lib.Checkpointer(tmp / "checkpoints")
-        checkpointer.save(0, train_state, meta)
-        checkpointer.close()
-        (tmp / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-        _make_readable(tmp)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-

@@ -1,7 +1,7 @@
 """Hugging Face ViT checkpoints (Dinov2, Dinov2WithRegisters, ViT/DINO, ViTMAE) -> `flowfeat_jax.models.vit.ViT`.
 
-`from_pretrained` loads any registered family (`flowfeat_jax.models.registry`, e.g. DINOv3 via `ports.dinov3`);
-`load_table` is the strict table loader all families share.
+`ports.registry.from_pretrained` loads them (and every other registered family); `load_table` is the strict table
+loader all families share.
 
 Every tensor goes through one table, `hf_key_table(cfg)`: rows of (NNX path, layout, on-disk torch names,
 transformers-5 in-memory torch names). A row with several torch names concatenates them along the torch output axis
@@ -10,9 +10,6 @@ Layouts: Linear (out, in) -> (in, out); Conv OIHW -> HWIO; everything else copie
 the names). Loading collects every missing, unmapped or mis-shaped key and raises once, naming them.
 """
 
-import dataclasses
-import json
-import pathlib
 import re
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple
@@ -21,8 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowfeat_jax import cli
-from flowfeat_jax.models import registry
 from flowfeat_jax.models.vit import ViT, ViTConfig
 
 # Checkpoint keys that belong to heads or pre-training parts the encoder does not have (explicitly not loaded).
@@ -211,82 +206,3 @@ def load_table(model: nnx.Module, state: Mapping[str, np.ndarray], table: list[K
     for path, array in values.items():
         flat[path].set_value(jnp.asarray(array, dtype=flat[path].dtype))
     nnx.update(model, params)
-
-
-def _read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
-    """model.safetensors (or its sharded index) or pytorch_model.bin from a checkpoint directory."""
-    from safetensors.numpy import load_file
-
-    single = directory / "model.safetensors"
-    index = directory / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(single)
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
-    bin_file = directory / "pytorch_model.bin"
-    if bin_file.is_file():
-        import torch
-
-        return {k: v.float().numpy() for k, v in torch.load(bin_file, map_location="cpu", weights_only=True).items()}
-    raise FileNotFoundError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {directory}")
-
-
-# A hub model id: `name` or `org/name` of letters, digits, '-', '_', '.'; anything else is a local path.
-_HF_REPO_ID = re.compile(r"(?!\.)[\w.-]+(/(?!\.)[\w.-]+)?")
-
-
-def _hub_snapshot(name: str) -> pathlib.Path:
-    """Local directory with config.json and the weights of an HF hub model (the HF cache; downloads when online)."""
-    import huggingface_hub
-    from huggingface_hub.utils import EntryNotFoundError
-
-    try:
-        config = huggingface_hub.hf_hub_download(name, "config.json")
-    except Exception as error:  # offline and not cached, unknown repo, ...
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise FileNotFoundError(f"cannot find HF model {name!r} locally or on the hub: {reason}") from error
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        try:
-            huggingface_hub.hf_hub_download(name, filename)
-            break
-        except EntryNotFoundError:
-            continue
-    else:
-        raise FileNotFoundError(f"HF model {name!r} has neither model.safetensors nor pytorch_model.bin")
-    return pathlib.Path(config).parent
-
-
-def from_pretrained(name_or_dir: str, *, dtype=jnp.float32, pos_interp: str | None = None) -> nnx.Module:
-    """An encoder with the weights of an HF checkpoint: a local directory (config.json + weights) or a hub name.
-
-    The config's `model_type` picks the encoder family (`flowfeat_jax.models.registry`): a ViT for dinov2,
-    dinov2_with_registers, vit and vit_mae, a DINOv3 for dinov3_vit, ...
-
-    Args:
-      name_or_dir: e.g. "facebook/dinov2-small" or a directory written by `save_pretrained`.
-      dtype: compute dtype (parameters stay f32).
-      pos_interp: 'hf' (default for HF weights) or 'hub' position-table resizing; None keeps 'hf'. Only for
-        encoders with a position table (ViTConfig).
-    """
-    path = pathlib.Path(name_or_dir)
-    if not path.is_dir() and not _HF_REPO_ID.fullmatch(str(name_or_dir)):
-        raise FileNotFoundError(f"encoder {name_or_dir}: no such directory (nor a Hugging Face model id 'org/name')")
-    directory = path if path.is_dir() else _hub_snapshot(str(name_or_dir))
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}")
-    hf_config = cli.read_json_object(config_file)
-    family = registry.family_for_model_type(hf_config.get("model_type"))
-    cfg = family.port("config_from_hf")(hf_config)
-    overrides = {"dtype": dtype}
-    if pos_interp is not None:
-        if not isinstance(cfg, ViTConfig):
-            raise ValueError(f"pos_interp={pos_interp!r} applies to ViT position tables; a {family.name} encoder "
-                             "has none")
-        overrides["pos_interp"] = pos_interp
-    cfg = dataclasses.replace(cfg, **overrides)
-    # Abstract parameters: nothing is randomly initialised, and any leaf the table misses stays unusable.
-    model = nnx.eval_shape(lambda: family.module_class(cfg, rngs=nnx.Rngs(0)))
-    family.port("load_hf_state_dict")(model, _read_weights(directory))
-    return model

@@ -183,7 +183,7 @@ def image_depth_errors(pred: np.ndarray, gt: np.ndarray, eval_mask: np.ndarray, 
 
 def colorize_depth(depth: np.ndarray, max_depth: float = 10.0, invalid: np.ndarray | None = None) -> np.ndarray:
     """(H, W) metres -> (H, W, 3) uint8 turbo colour map on [0, max_depth]; `invalid` pixels black."""
-    import cv2  # noqa: PLC0415
+    import cv2  # noqa: PLC0415  (OpenCV only for the depth pictures)
 
     scaled = np.clip(np.nan_to_num(np.asarray(depth, np.float64)) / max_depth, 0, 1)
     rgb = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1].copy()

@@ -23,14 +23,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from flowfeat_jax import cli
+from flowfeat_jax import errors, inference
+from flowfeat_jax.models.vit import normalize_images
+from flowfeat_jax.ports import build
 from flowfeat_jax.probes import data as data_lib
 from flowfeat_jax.probes import depth as depth_lib
 from flowfeat_jax.probes import pamr as pamr_lib
 from flowfeat_jax.probes import segmentation as seg_lib
 from flowfeat_jax.progress import progress
 from flowfeat_jax.train import checkpoint as ckpt_lib
-from flowfeat_jax.train.step import normalize_images
 from flowfeat_jax.viz import save_png
 
 FEATURE_CHOICES = ("encoder", "flowfeat", "both")
@@ -39,13 +40,9 @@ FEATURE_CHOICES = ("encoder", "flowfeat", "both")
 def build_feature_model(config: ml_collections.ConfigDict):
     """The frozen FlowFeat of `features.run_dir`, else one built from `config.model`; returns (model, source)."""
     if config.features.run_dir:
-        from flowfeat_jax.inference import load_flowfeat  # noqa: PLC0415
-
-        model, _, step = load_flowfeat(config.features.run_dir, decoder=config.features.decoder)
+        model, _, step = inference.load_flowfeat(config.features.run_dir, decoder=config.features.decoder)
         return model, f"{config.features.run_dir}@{step}:{config.features.decoder}"
-    from flowfeat_jax.train import loop  # noqa: PLC0415
-
-    model, source = loop.build_flowfeat(config.model, config.seed)
+    model, source = build.build_flowfeat(config.model, config.seed)
     if config.features.which != "encoder" or (config.task == "segmentation" and config.pamr.enabled):
         logging.warning("features.run_dir is empty: the FlowFeat decoder is randomly initialised (%s)", source)
     return model, source + ":random-decoder"
@@ -307,7 +304,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
             loss = float(loss)
             if not np.isfinite(loss):
                 checkpointer.close()
-                raise cli.UserError(f"probe loss is {loss} at step {done}; lower train.lr")
+                raise errors.UserError(f"probe loss is {loss} at step {done}; lower train.lr")
             now = time.perf_counter()
             record = {"step": done, "loss": loss,
                       "img_per_s": config.train.batch_size * (done - tick_step) / max(now - tick, 1e-9)}

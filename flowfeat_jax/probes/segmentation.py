@@ -18,6 +18,7 @@ linear part on the FlowFeat channels. 'encoder' alone: the attention probe on th
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 
 import jax
@@ -172,8 +173,6 @@ def segmentation_scores(confusion: np.ndarray) -> dict[str, float | list[float]]
 
 def class_palette(num_classes: int) -> np.ndarray:
     """Distinct RGB colours (256, 3) uint8 for class ids (golden-ratio hues); index 255 (ignore) is black."""
-    import colorsys  # noqa: PLC0415
-
     palette = np.zeros((256, 3), np.uint8)
     for k in range(num_classes):
         hue = (k * 0.618033988749895) % 1.0

@@ -17,7 +17,9 @@ import json
 import pathlib
 from collections.abc import Mapping, Sequence
 
+import safetensors.torch
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from flowfeat_jax.torch_ref.dpt import TorchDPT
@@ -169,8 +171,6 @@ def read_architecture(path: str | pathlib.Path) -> dict | None:
     (a released reference file). ValueError naming the file when the record is not valid JSON."""
     path = pathlib.Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(path, "np") as f:
             text, where = (f.metadata() or {}).get(ARCHITECTURE_KEY), f"{path} (metadata {ARCHITECTURE_KEY})"
     else:
@@ -192,9 +192,7 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
+        return safetensors.torch.load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")

@@ -14,11 +14,12 @@ import logging
 import pathlib
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flowfeat_jax import cli
+from flowfeat_jax import errors
 
 # After a failed write: how long the writes still in flight get to fail quietly before the error is reported.
 _DRAIN_S = 2.0
@@ -65,12 +66,10 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict, data_iterator: Any = None) -> bool:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
-            import grain
-
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         # A failed write leaves the other arrays' writes failing in tensorstore threads, each printing a traceback
         # ("Event loop is closed"; hundreds on a full disk): held back, and given _DRAIN_S to finish.
-        with jax.transfer_guard("allow"), self._write_errors(step), cli.stderr_kept_on_success(_DRAIN_S):
+        with jax.transfer_guard("allow"), self._write_errors(step), errors.stderr_kept_on_success(_DRAIN_S):
             return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     @contextlib.contextmanager
@@ -117,8 +116,6 @@ class Checkpointer:
             # An imported checkpoint has no data item: the data order starts afresh.
             logging.warning("%s holds no data-iterator state; the data order starts from the beginning", step)
         elif data_iterator is not None:
-            import grain
-
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         with jax.transfer_guard("allow"), self._read_errors(step):
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))

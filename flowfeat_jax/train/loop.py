@@ -6,7 +6,7 @@ takes explicit arguments.
 
 from __future__ import annotations
 
-import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -24,10 +24,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from PIL import Image
 
-from flowfeat_jax import cli
 from flowfeat_jax import config as config_lib
+from flowfeat_jax import errors
+from flowfeat_jax.data import export, pipeline, records, synthetic
 from flowfeat_jax.models import flowfeat as flowfeat_lib
+from flowfeat_jax.ports.build import build_flowfeat
 from flowfeat_jax.progress import progress
 from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import metric_writer
@@ -35,60 +38,8 @@ from flowfeat_jax.train import sharding
 from flowfeat_jax.train import step as step_lib
 
 
-class TrainingError(cli.UserError):
+class TrainingError(errors.UserError):
     """Training cannot go on (non-finite steps, a mismatched checkpoint); the message says why."""
-
-
-def encoder_config(model_cfg: ml_collections.ConfigDict):
-    """The config of a random-init encoder: the `encoder_arch` preset of any registered family (ViTConfig,
-    DINOv3Config, ...; `models.registry`) with the non-zero `encoder_size` entries."""
-    from flowfeat_jax.models import registry
-
-    sizes = {k: v for k, v in model_cfg.encoder_size.items() if v}
-    try:
-        return registry.preset_config(model_cfg.encoder_arch, **sizes, dtype=jnp.dtype(model_cfg.dtype))
-    except ValueError as error:
-        raise ValueError(f"model.encoder_arch: {error}") from error
-
-
-def build_flowfeat(
-    model_cfg: ml_collections.ConfigDict, seed: int, *, init_decoder: bool = True
-) -> tuple[flowfeat_lib.FlowFeat, str]:
-    """FlowFeat with its frozen encoder (pretrained weights or a seeded random init) and a seeded decoder.
-
-    The model is built abstractly first, so weights that are loaded anyway are never randomly initialised; with
-    `init_decoder=False` the decoder stays abstract for the caller to fill (from a checkpoint). Returns the module and
-    a human-readable encoder source for checkpoint metadata.
-    """
-    from flowfeat_jax.models import registry
-
-    dtype = jnp.dtype(model_cfg.dtype)
-    if model_cfg.encoder:
-        from flowfeat_jax.ports import vit as vit_ports
-
-        try:
-            encoder = vit_ports.from_pretrained(model_cfg.encoder, dtype=dtype, pos_interp=model_cfg.pos_interp or None)
-        except (FileNotFoundError, ValueError) as error:
-            raise type(error)(f"model.encoder: {error}") from None
-        encoder_cfg, source = encoder.cfg, model_cfg.encoder
-    else:
-        encoder_cfg = encoder_config(model_cfg)
-        if model_cfg.pos_interp:
-            if not hasattr(encoder_cfg, "pos_interp"):
-                raise ValueError(f"model.pos_interp: the {model_cfg.encoder_arch} encoder has no position table")
-            encoder_cfg = dataclasses.replace(encoder_cfg, pos_interp=model_cfg.pos_interp)
-        encoder = registry.build_encoder(encoder_cfg, rngs=nnx.Rngs(seed))
-        source = f"random:{model_cfg.encoder_arch}:seed{seed}"
-    cfg = flowfeat_lib.FlowFeatConfig.from_encoder(
-        encoder_cfg, features=model_cfg.features, hooks=tuple(model_cfg.hooks) or None
-    )
-    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, remat=bool(model_cfg.remat)))
-    model = nnx.eval_shape(lambda: flowfeat_lib.FlowFeat(cfg, rngs=nnx.Rngs(seed)))
-    model.encoder = encoder
-    if init_decoder:
-        # Its own stream, so the decoder init does not depend on how many random numbers the encoder drew.
-        model.decoder = flowfeat_lib.DPT(cfg.decoder, rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 1)))
-    return model, source
 
 
 def make_optimizer(train_cfg: ml_collections.ConfigDict, random_decoder: bool) -> optax.GradientTransformation:
@@ -134,8 +85,6 @@ def ensure_records(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -
     `data.records` defaults to `workdir/flow`. An existing export made with other parameters is refused by the
     exporter, never mixed.
     """
-    from flowfeat_jax.data import export, records
-
     records_dir = pathlib.Path(data_cfg.records) if data_cfg.records else workdir / "flow"
     export_cfg = export.ExportConfig.from_data_config(data_cfg)
     try:
@@ -169,8 +118,6 @@ def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
     """This process's share of each global batch, and for record data the same grain iterator (checkpointed)."""
     data = config.data
     if data.source == "synthetic":
-        from flowfeat_jax.data import synthetic
-
         it = synthetic.synthetic_batches(
             config.seed,
             config.train.batch_size,
@@ -182,8 +129,6 @@ def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path, start
         )
         return it, None
     if data.source == "records":
-        from flowfeat_jax.data import pipeline
-
         dataset = pipeline.make_pair_dataset(
             ensure_records(data, workdir),
             batch_size=config.train.batch_size // jax.process_count(),
@@ -205,7 +150,7 @@ def next_on_device(batches, mesh) -> tuple[dict, dict]:
 
 # (model with the evaluated decoder, output folder, feature kinds) -> {"eval/<protocol>/<score>": value, and
 # "eval/encoder/<protocol>/<score>" when the kinds hold "encoder"}; the apps hand it over
-# (flowfeat_jax.validation.davis_validation), so train/ never imports eval/.
+# (flowfeat_jax.apps.validation.davis_validation), so train/ never imports eval/.
 ValidateFn = Callable[[flowfeat_lib.FlowFeat, pathlib.Path, tuple[str, ...]], dict[str, float]]
 
 
@@ -304,8 +249,6 @@ def warn_half_written(directory: pathlib.Path) -> None:
 
 def read_pictures(directory: pathlib.Path) -> dict[str, np.ndarray]:
     """{"pca/<sequence>": RGB uint8} of the PCA pictures an evaluation wrote."""
-    from PIL import Image
-
     return {f"pca/{p.stem}": np.asarray(Image.open(p).convert("RGB")) for p in sorted(directory.glob("*.png"))}
 
 
@@ -380,8 +323,6 @@ class RunLock:
         self._file = None
 
     def __enter__(self):
-        import fcntl
-
         if jax.process_index() != 0:  # a multi-host run shares one workdir; its first process holds the lock
             return self
         self._file = self.path.open("a+")
@@ -434,7 +375,7 @@ def train(
     Refused before anything in `workdir` changes: an invalid config, another run holding the workdir, data settings
     an existing export contradicts, a resume onto another encoder, or (unless train.allow_changes) a resume with
     changed trajectory settings.
-    With `config.eval.davis` set, `validate` (flowfeat_jax.validation, handed over by main) scores the model with the
+    With `config.eval.davis` set, `validate` (flowfeat_jax.apps.validation, handed over by main) scores the model with the
     `eval.decoder` decoder (online by default, as the reference validates and releases it) every `eval.every` steps
     and after the last; a final validation that did not complete runs on the next invocation. `eval.keep_best` keeps
     the best checkpoint by the J&F of the first of `eval.protocols`.

@@ -50,11 +50,11 @@ class MetricWriter:
 
     def _sinks(self):
         if self._tensorboard and self._tb is None:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # optional sink: loaded only when asked for
 
             self._tb = SummaryWriter(logdir=str(self.workdir), flush_secs=30)
         if self._wandb_project and self._wandb_run is None:
-            import wandb
+            import wandb  # optional, not a pinned dependency
 
             self._wandb_run = wandb.init(project=self._wandb_project, name=self.workdir.name, dir=str(self.workdir),
                                          config=self._config)
@@ -82,7 +82,7 @@ class MetricWriter:
             for tag, image in images.items():
                 tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
         if run is not None:
-            import wandb
+            import wandb  # optional, not a pinned dependency
 
             run.log({tag: wandb.Image(np.asarray(image)) for tag, image in images.items()}, step=step)
 

@@ -25,10 +25,8 @@ import optax
 
 from flowfeat_jax import settings
 from flowfeat_jax.models import ops
+from flowfeat_jax.models.vit import normalize_images
 from flowfeat_jax.train import crops, ema, losses, ridge
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PyTree = Any
 
@@ -65,12 +63,6 @@ class StepConfig:
             loss=settings.LossConfig(**loss),
             ema=settings.EmaConfig(**ema),
         )
-
-
-def normalize_images(frames_uint8: jax.Array) -> jax.Array:
-    """uint8 RGB (B, H, W, 3) -> float32 ImageNet-normalised (recipe.md "Image normalisation")."""
-    x = frames_uint8.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
 def flow_objective(cfg: settings.LossConfig, pred: jax.Array, target: jax.Array) -> dict[str, jax.Array]:

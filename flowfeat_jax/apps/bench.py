@@ -21,13 +21,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import grain
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from flowfeat_jax import cli
-from flowfeat_jax.models.vit import ViTConfig
+from flowfeat_jax import errors
+from flowfeat_jax.data import pipeline, records
+from flowfeat_jax.models.vit import IMAGENET_MEAN, IMAGENET_STD, ViTConfig
+from flowfeat_jax.ports import build
 from flowfeat_jax.train import loop
 from flowfeat_jax.train import step as step_lib
 
@@ -170,7 +173,7 @@ def bench_config(config: ml_collections.ConfigDict, *, batch: int | None, size: 
         notes.append(f"encoder {config.model.encoder!r} replaced by a random init of {config.model.encoder_arch} "
                      "(same architecture; no download)")
         config.model.encoder = ""
-    if not config.model.encoder and hasattr(loop.encoder_config(config.model), "pos_interp"):
+    if not config.model.encoder and hasattr(build.encoder_config(config.model), "pos_interp"):
         config.model.pos_interp = "hub"
         notes.append("position tables resized as torch hub does (pos_interp='hub'), as the torch FlowFeat")
     if dtype is not None:
@@ -212,7 +215,7 @@ class JaxSide:
 
     def __init__(self, config: ml_collections.ConfigDict, infer_hw: tuple[int, int]):
         self.config = config
-        self.model, self.encoder_source = loop.build_flowfeat(config.model, config.seed)
+        self.model, self.encoder_source = build.build_flowfeat(config.model, config.seed)
         graphdef, model_state = nnx.split(self.model)
         pure = nnx.to_pure_dict(model_state)
         self.encoder_params = pure["encoder"]
@@ -255,6 +258,7 @@ class TorchSide:
     """The torch FlowFeat with the JAX model's weights, its reference train step, and the same inputs (NCHW)."""
 
     def __init__(self, jax_side: JaxSide, device: str, autocast: bool = False):
+        # torch (and the torch-side modules, which import it) only for --torch: a JAX-only run never loads it.
         import torch
 
         from flowfeat_jax.ports import flowfeat as flowfeat_ports
@@ -265,7 +269,7 @@ class TorchSide:
         self.autocast = autocast  # bf16 autocast around forward and loss (the ridge stays f32); off = fp32 as released
         config = jax_side.config
         if not isinstance(jax_side.model.cfg.encoder, ViTConfig):
-            raise cli.UserError(f"--torch needs a DINO / DINOv2 / MAE ViT encoder, not {config.model.encoder_arch}")
+            raise errors.UserError(f"--torch needs a DINO / DINOv2 / MAE ViT encoder, not {config.model.encoder_arch}")
         weights = {k: np.array(v) for k, v in flowfeat_ports.flowfeat_state_dict(jax_side.model).items()}
         heads = jax_side.model.cfg.encoder.num_heads
         self.model = torch_flowfeat.load_torch_flowfeat(weights, heads).to(self.device).eval()
@@ -274,7 +278,7 @@ class TorchSide:
         self.trainer = torch_train.TorchFlowFeatTrainer(trained, cfg)
         host = jax_side.host_batch
         frames = host["frame"].astype(np.float32) / 255.0
-        frames = (frames - np.asarray(step_lib.IMAGENET_MEAN)) / np.asarray(step_lib.IMAGENET_STD)
+        frames = (frames - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
         self.frames = self._tensor(frames.transpose(0, 3, 1, 2))
         self.flow = self._tensor(host["flow"].transpose(0, 3, 1, 2))
         self.theta1, self.theta2 = (self._tensor(t) for t in jax_side.thetas)
@@ -303,7 +307,7 @@ class TorchSide:
 
     def flops(self, call: Callable[[], None]) -> float | None:
         """FLOPs torch's FlopCounterMode counts for one call (matmuls, convs, attention)."""
-        from torch.utils.flop_counter import FlopCounterMode
+        from torch.utils.flop_counter import FlopCounterMode  # torch: only for --torch
 
         counter = FlopCounterMode(display=False)
         with counter:
@@ -361,7 +365,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: int | None = None
     calls = {"jax_step": jax_side.step}
     torch_side = None
     if with_torch:
-        import torch
+        import torch  # only for --torch
 
         torch.set_num_threads(threads)
         torch_device = "cuda" if device.platform == "gpu" and torch.cuda.is_available() else "cpu"
@@ -434,8 +438,6 @@ def pipeline_rates(records_dir: str | os.PathLike, *, batch_size: int, worker_co
     """Samples/s of the training input pipeline (grain over the ArrayRecord export, data/pipeline.py) per worker count:
     `num_batches` batches timed after one warm-up batch (worker start-up and first reads excluded); in-process
     (0 workers) also samples per CPU-second of this process."""
-    from flowfeat_jax.data import pipeline
-
     rows = []
     for workers in worker_counts:
         dataset = pipeline.make_pair_dataset(records_dir, batch_size=batch_size, seed=0, worker_count=workers,
@@ -459,10 +461,6 @@ def pipeline_rates(records_dir: str | os.PathLike, *, batch_size: int, worker_co
 def sample_stage_ms(records_dir: str | os.PathLike, count: int = 64) -> dict[str, float]:
     """Milliseconds of CPU time per sample of each stage of `FlowPairSampler.read`, in this process: the record
     reads, the JPEG decode of the frame, the flow decode (CPU time, so a busy machine does not inflate it)."""
-    import grain
-
-    from flowfeat_jax.data import pipeline, records
-
     opened = records.open_flow_records(records_dir)
     frames = grain.sources.ArrayRecordDataSource(list(opened.frame_files))
     flows = grain.sources.ArrayRecordDataSource(list(opened.flow_files))

@@ -25,9 +25,10 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from flowfeat_jax import bench
+from flowfeat_jax.apps import bench
 from flowfeat_jax.config import load_config
-from flowfeat_jax.train import loop
+from flowfeat_jax.eval import davis, features
+from flowfeat_jax.ports import build
 
 # Dense bf16 peak of one H100 / H200 SXM (vendor datasheet, no sparsity): the MFU denominator of every row.
 BF16_PEAK_FLOPS = 989e12
@@ -83,7 +84,7 @@ def inference_rows(config: ml_collections.ConfigDict, shapes: dict) -> list[dict
     rows = []
     for dtype in ("f32", "bf16"):
         cfg, _ = bench.bench_config(config, batch=1, size=None, dtype=dtype)
-        model, _ = loop.build_flowfeat(cfg.model, cfg.seed)
+        model, _ = build.build_flowfeat(cfg.model, cfg.seed)
         graphdef, params = nnx.split(model)
         forward = jax.jit(lambda p, images: nnx.merge(graphdef, p)(images))
         for side in shapes["infer_sides"]:
@@ -99,8 +100,6 @@ def inference_rows(config: ml_collections.ConfigDict, shapes: dict) -> list[dict
 def write_synthetic_davis(root: pathlib.Path, hw: tuple[int, int], frames: int, sequences=("synth-a", "synth-b")):
     """DAVIS-2017 layout (JPEGImages/480p, Annotations/480p, ImageSets/2017/val.txt): two textured objects moving
     over a noise background, index-PNG masks (labels 1 and 2)."""
-    from flowfeat_jax.eval import davis
-
     height, width = hw
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:height, :width]
@@ -142,8 +141,6 @@ def count_compiles() -> Iterator[list]:
 def run_davis_eval(model, root: pathlib.Path, out_dir: pathlib.Path, sequences, short_side: int) -> dict:
     """KNN (two-stream) + linear probe over `sequences` through the evaluation library; the one call to adapt when
     eval/ changes its entry point."""
-    from flowfeat_jax.eval import features
-
     return features.evaluate_davis(model, root, out_dir, sequences=sequences, protocols=("knn", "linear"),
                                    short_side=short_side)
 
@@ -151,7 +148,7 @@ def run_davis_eval(model, root: pathlib.Path, out_dir: pathlib.Path, sequences, 
 def eval_row(config: ml_collections.ConfigDict, shapes: dict) -> dict:
     """Times `run_davis_eval` of the f32 model on two synthetic sequences; compiles counted over the whole call."""
     cfg, _ = bench.bench_config(config, batch=1, size=None, dtype="f32")
-    model, _ = loop.build_flowfeat(cfg.model, cfg.seed)
+    model, _ = build.build_flowfeat(cfg.model, cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp) / "davis"
         sequences = write_synthetic_davis(root, shapes["eval_hw"], shapes["eval_frames"])
