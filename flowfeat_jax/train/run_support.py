@@ -211,10 +211,11 @@ def changed_settings(saved: dict, config: ml_collections.ConfigDict) -> list[str
     """`key: old -> new` for every trajectory setting of `config` that differs from the checkpoint's config `saved`
     (keys the saved config lacks, from an older version of this code, are not compared)."""
     old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+    differ = [key for key in sorted(new) if key in old and old[key] != new[key]]
     return [
         f"{key}: {old[key]!r} -> {new[key]!r}"
-        for key in sorted(new)
-        if key in old and old[key] != new[key] and key not in RESUMABLE_CHANGES and not key.startswith(EVALUATION_GROUPS)
+        for key in differ
+        if key not in RESUMABLE_CHANGES and not key.startswith(EVALUATION_GROUPS)
     ]
 
 
