@@ -83,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.grad_weight = 1.0  # 0 = the "no L_grad" ablation
     c.loss.sigma = 0.1
     c.loss.ridge_alpha = 0.1  # paper text: 1.0; small-alpha ablation: 1e-3
+    c.loss.flow_map = "ridge"  # 'ridge' released (per-image map from the teacher) | 'linear': Tab. 3 naive ablation,
+    # one learned linear layer from the online features to flow, trained with the decoder
     c.loss.norm_flow = True
 
     c.ema = ml_collections.ConfigDict()
@@ -176,6 +178,15 @@ def kinetics_config(encoder: str, encoder_arch: str) -> ml_collections.ConfigDic
     config.loss.ridge_alpha = 1.0
     config.data.timeflip = False
     config.data.method = "searaft"
+    return config
+
+
+def saved_run_config(saved: dict) -> ml_collections.ConfigDict:
+    """The config a run recorded (checkpoint meta), with today's defaults for the fields it predates (a run written
+    before e.g. `loss.flow_map` existed trained with that field's default)."""
+    config = base_config()
+    with config.unlocked():
+        config.update(saved)
     return config
 
 
@@ -276,6 +287,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "train.keep_checkpoints": at_least(1),
     "train.max_nonfinite": at_least(1),
     "loss.flow": one_of("l1", "l2"),
+    "loss.flow_map": one_of("ridge", "linear"),
     "loss.flow_weight": at_least(0),
     "loss.grad_weight": at_least(0),
     "loss.sigma": above(0),

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from flowfeat_jax import config as config_lib
 from flowfeat_jax.models.flowfeat import FlowFeat
 from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import loop
@@ -44,7 +45,7 @@ def load_flowfeat(
     directory, step = resolve_checkpoint(path)
     checkpointer = ckpt_lib.Checkpointer(directory)
     meta = checkpointer.restore_meta(step)
-    config = ml_collections.ConfigDict(meta["config"])
+    config = config_lib.saved_run_config(meta["config"])
     encoder_dir = pathlib.Path(config.model.encoder)
     if config.model.encoder and not encoder_dir.exists() and (directory.parent / "encoder").is_dir():
         config.model.encoder = str(directory.parent / "encoder")  # an imported run dir that was moved
@@ -53,7 +54,9 @@ def load_flowfeat(
     ckpt_lib.check_same_encoder(meta, source, ckpt_lib.tree_digest(encoder_params), directory / str(step))
     decoder_params = nnx.to_pure_dict(nnx.state(model.decoder))  # abstract: shapes only
     tx = loop.make_optimizer(config.train, config.model.random_decoder)
-    template = jax.eval_shape(lambda p: loop.init_train_state(p, tx, config.seed), decoder_params)
+    template = jax.eval_shape(
+        lambda p: loop.init_train_state(p, tx, config.seed, loop.initial_flow_head(config)), decoder_params
+    )
     state, _ = checkpointer.restore(step, template)
     checkpointer.close()
     nnx.update(model.decoder, state.ema_params if decoder == "ema" else state.params)

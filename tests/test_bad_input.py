@@ -667,6 +667,7 @@ def test_a_non_finite_state_is_never_checkpointed(disk_full_run, tmp_path):
         ("train.checkpoint_every", 0, ">= 1"),
         ("train.max_nonfinite", 0, ">= 1"),
         ("loss.flow", "l3", "'l1', 'l2'"),
+        ("loss.flow_map", "naive", "'ridge', 'linear'"),
         ("loss.flow_weight", -1.0, ">= 0"),
         ("ema.update_every", 0, ">= 1"),
         ("ema.power", 0.0, "> 0"),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flowfeat_jax import config as config_lib
 from flowfeat_jax.apps import experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -113,3 +114,74 @@ def test_experiment_cli_names_a_missing_davis_root(tmp_path):
 @pytest.mark.parametrize("bad", ["/data/davis:val"])
 def test_davis_root_of_keeps_any_split_name(bad):
     assert experiment.davis_root_of(bad) == "/data/davis"
+
+
+def tiny_sweep_config(davis_root, davis_clips):
+    config = load_config("davis_ablations", str(davis_root))
+    config.data.videos = str(davis_clips)
+    config.train.num_steps = 2
+    config.train.batch_size = 2
+    config.train.input_size = 56
+    config.train.checkpoint_every = 2
+    config.data.frame_size = 112
+    config.data.flow_size = 56
+    config.eval.short_side = 56
+    config.eval.max_frames = 4
+    return config
+
+
+@pytest.mark.slow
+def test_ablation_sweep_trains_every_setting_and_seed_once_and_shares_exports(davis_root, davis_clips, tmp_path):
+    """2 settings x 2 seeds at smoke size: the overrides reach the runs, one flow export per gap, a second call
+    reuses every run and score, and the table / chart / json hold one row per setting and control."""
+    config = tiny_sweep_config(davis_root, davis_clips)
+    sweep, out = tmp_path / "sweep", tmp_path / "out"
+    kwargs = dict(ablations=("full", "next_frame"), seeds=(0, 1), sequences=["blackswan"], protocols=("knn",))
+    facts = experiment.run_ablation_sweep(config, sweep, out, davis_root, **kwargs)
+    assert [(r["ablation"], r["seed"]) for r in facts["runs"]] == [
+        ("full", 0), ("next_frame", 0), ("full", 1), ("next_frame", 1)]
+    assert sorted(p.name for p in (sweep / "flow").iterdir()) == ["gap1", "gap2"]  # shared by the seeds
+    assert not (sweep / "full" / "seed0" / "flow").exists()
+    run_config = json.loads((sweep / "next_frame" / "seed1" / "config.json").read_text())
+    assert run_config["seed"] == 1 and run_config["data"]["gap"] == 1 and run_config["data"]["timeflip"] is False
+    assert json.loads((sweep / "full" / "seed0" / "config.json").read_text())["data"]["gap"] == 2
+    summary = facts["summary"]
+    assert set(summary) == {"full", "next_frame", "encoder", "untrained"}
+    for name, by_protocol in summary.items():
+        values = by_protocol["knn"]["values"]
+        assert len(values) == 2 and all(0 <= v <= 100 for v in values)
+        assert by_protocol["knn"]["mean"] == pytest.approx(np.mean(values), abs=1e-3)
+    assert summary["full"]["knn"]["delta"] == 0.0
+    table = (out / "ablations.md").read_text()
+    assert "2 steps of batch 2" in table and "next-frame pairs only" in table and "untrained decoder" in table
+    assert len((out / "ablations.csv").read_text().splitlines()) == 1 + 4 * 2
+    assert Image.open(out / "ablations.png").size[0] > 400
+    stamps = {p: p.stat().st_mtime_ns for p in sweep.glob("*/seed*/scores.json")}
+    again = experiment.run_ablation_sweep(config, sweep, out, davis_root, **kwargs)  # resumable: nothing reruns
+    assert {p: p.stat().st_mtime_ns for p in sweep.glob("*/seed*/scores.json")} == stamps
+    assert again["summary"] == summary
+
+
+def test_sweep_summary_pairs_each_setting_with_full_of_the_same_seed():
+    rows = {"full": {"knn": [0.30, 0.40, 0.50]}, "l2": {"knn": [0.28, 0.37, 0.49]}}
+    summary = experiment.summarize_sweep(rows, ["knn"])
+    assert summary["l2"]["knn"]["delta"] == pytest.approx(-2.0)
+    assert summary["l2"]["knn"]["delta_sd"] == pytest.approx(1.0)  # per-seed deltas -2, -3, -1
+    assert summary["full"]["knn"]["sd"] == pytest.approx(10.0)  # the spread between seeds, not in the delta
+    table = experiment.sweep_markdown(summary, ["knn"]).splitlines()
+    assert table[2].startswith("| full (released loss, ridge map) | 0 | 40.0 ± 10.0 |")
+    assert table[3] == "| L2 instead of L1 | -2.4 | 38.0 ± 10.5 | -2.0 ± 1.0 |"
+
+
+def test_ablation_settings_are_valid_configs_and_unknown_names_fail():
+    base = load_config("davis_ablations")
+    for name, ablation in experiment.ABLATIONS.items():
+        run = experiment.ablation_config(base, name, 2, pathlib.Path("/tmp/flow"))
+        config_lib.validate_config(run)
+        assert run.seed == 2 and all(run[k.split(".")[0]][k.split(".")[1]] == v for k, v in ablation.overrides.items())
+    with pytest.raises(ValueError, match="unknown ablation 'l3'"):
+        experiment.ablation_config(base, "l3", 0, pathlib.Path("/tmp"))
+    result = subprocess.run(
+        [sys.executable, "tools/experiment_davis.py", "--config=configs/davis_ablations.py", "--ablations=l3",
+         "--workdir=/nonexistent/x"], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "--ablations: unknown l3" in result.stderr

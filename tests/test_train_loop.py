@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import read_tensorboard_events
 
+from flowfeat_jax import inference
 from flowfeat_jax.config import base_config
 from flowfeat_jax.data import synthetic
 from flowfeat_jax.models import ops
@@ -186,7 +187,7 @@ def _tiny_state(config):
     graphdef, model_state = nnx.split(model)
     pure = nnx.to_pure_dict(model_state)
     tx = loop.make_optimizer(config.train, config.model.random_decoder)
-    state = loop.init_train_state(pure["decoder"], tx, config.seed)
+    state = loop.init_train_state(pure["decoder"], tx, config.seed, loop.initial_flow_head(config))
     step = jax.jit(step_lib.make_train_step(graphdef, tx, loop.step_config(config)))
     return state, step, pure["encoder"]
 
@@ -227,6 +228,66 @@ def test_ema_disabled_teacher_is_student_and_loss_changes():
     _, step_no_ema, _ = _tiny_state(config)
     _, without_ema = step_no_ema(state, batch, encoder_params)
     assert float(with_ema["loss"]) != float(without_ema["loss"])
+
+
+def test_linear_flow_map_ablation_learns_one_map_without_the_teacher():
+    """Tab. 3 "naive": one learned (d + 1, 2) map, trained with the decoder, replaces the per-image ridge map."""
+    config = tiny_config()
+    config.loss.flow_map = "linear"
+    batch = next(synthetic.synthetic_batches(0, 2, 112, 56))
+    state, train_step, encoder_params = _tiny_state(config)
+    assert state.flow_head.shape == (config.model.features + 1, 2)
+    new_state, metrics = train_step(state, batch, encoder_params)
+    assert bool(metrics["finite"])
+    assert not np.array_equal(new_state.flow_head, state.flow_head)  # the map learns
+    assert ckpt_lib.tree_digest(new_state.params) != ckpt_lib.tree_digest(state.params)  # and so does the decoder
+    # No teacher: the loss ignores the EMA decoder (the ridge path depends on it, test above).
+    halved = state.replace(ema_params=jax.tree.map(lambda x: x * 0.5, state.ema_params))
+    assert float(train_step(halved, batch, encoder_params)[1]["loss"]) == float(metrics["loss"])
+    # The prediction is features . W + b with the learned map: a zero map predicts zero flow, whose focal gradient
+    # loss (Eq. 6) is the same as that of a constant map (bias only), and differs for a map that uses the features.
+    zero = train_step(state.replace(flow_head=jnp.zeros_like(state.flow_head)), batch, encoder_params)[1]
+    bias_only = train_step(state.replace(flow_head=jnp.zeros_like(state.flow_head).at[-1].set(3.0)), batch,
+                           encoder_params)[1]
+    np.testing.assert_allclose(float(zero["grad_loss"]), float(bias_only["grad_loss"]), rtol=1e-6)
+    assert float(zero["flow_loss"]) != float(bias_only["flow_loss"])
+    assert float(metrics["grad_loss"]) != float(zero["grad_loss"])
+    # A state without the map (or the ridge step with one) is refused at trace time.
+    with pytest.raises(ValueError, match="flow_head"):
+        train_step(state.replace(flow_head=None), batch, encoder_params)
+
+
+def test_linear_flow_map_run_resumes_and_loads(tmp_path):
+    """The learned map is checkpointed (a resume continues it exactly) and the run loads for evaluation."""
+    config = tiny_config(num_steps=6)
+    config.loss.flow_map = "linear"
+    full, part = tmp_path / "full", tmp_path / "part"
+    loop.train(config, full)
+    short = tiny_config(num_steps=3)
+    short.loss.flow_map = "linear"
+    loop.train(short, part)
+    loop.train(config, part)
+    manager = ckpt_lib.Checkpointer(part / "checkpoints")
+    state, _ = manager.restore_raw(6)
+    manager.close()
+    assert np.asarray(state["flow_head"]).shape == (config.model.features + 1, 2)
+    assert [m["loss"] for m in read_metrics(full)] == [m["loss"] for m in read_metrics(part)]
+    model, run_config, step = inference.load_flowfeat(part)
+    assert step == 6 and run_config.loss.flow_map == "linear"
+
+
+def test_checkpoint_written_before_flow_head_existed_still_restores(tmp_path):
+    """A TrainState checkpoint without the (newer, optional) flow_head field restores with flow_head None."""
+    config = tiny_config()
+    state, _, _ = _tiny_state(config)
+    fields = {name: getattr(state, name) for name in ("step", "params", "ema_params", "opt_state", "rng",
+                                                      "nonfinite", "nonfinite_total")}
+    manager = ckpt_lib.Checkpointer(tmp_path)
+    manager.save(3, fields, {"config": {}})  # the pre-flow_head layout: a plain mapping of the older fields
+    restored, _ = manager.restore(3, ckpt_lib.abstract_like(state))
+    manager.close()
+    assert restored.flow_head is None
+    assert ckpt_lib.tree_digest(restored.params) == ckpt_lib.tree_digest(state.params)
 
 
 def test_synthetic_source_is_deterministic_and_exact():

@@ -13,6 +13,8 @@ kinds on the same frames, and a loss curve of the run, drawn with PIL (no matplo
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import pathlib
 import time
@@ -252,3 +254,230 @@ def run_experiment(
     }
     (out_dir / "results.json").write_text(json.dumps(facts, indent=2) + "\n")
     return results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The Tab. 3 ablation sweep: every setting x seed trained and scored the same way (issue 22)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+    label: str
+    overrides: dict  # config keys as written on the command line -> value
+    paper_delta: float | None  # the paper's Tab. 3 change of DAVIS J&F in points (DINOv2-S/14, YouTube-VOS)
+
+
+ABLATIONS = {
+    "full": Ablation("full (released loss, ridge map)", {}, 0.0),
+    "ridge_alpha_1e-3": Ablation("ridge alpha 1e-3", {"loss.ridge_alpha": 1e-3}, -7.6),
+    "no_grad_loss": Ablation("no L_grad", {"loss.grad_weight": 0.0}, -1.5),
+    "l2": Ablation("L2 instead of L1", {"loss.flow": "l2"}, -2.4),
+    "no_l1": Ablation("no L_L1", {"loss.flow_weight": 0.0}, -0.5),
+    "naive_linear": Ablation("naive single linear layer", {"loss.flow_map": "linear"}, -9.1),
+    "next_frame": Ablation("next-frame pairs only", {"data.gap": 1, "data.timeflip": False}, 0.0),
+}
+# Per seed, from the untrained model of that seed (no training): its encoder features and its initial decoder.
+CONTROLS = {"encoder": "encoder features (control)", "untrained": "untrained decoder (control)"}
+SweepRow = dict[str, dict[str, list[float]]]  # {protocol: [J&F per seed]}
+
+
+def ablation_config(config: ml_collections.ConfigDict, name: str, seed: int, records_root: pathlib.Path):
+    """`config` with the ablation's overrides and `seed`; runs with the same export parameters share one flow
+    export under `records_root` (the exported flow does not depend on the seed or the loss)."""
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}; known: {', '.join(ABLATIONS)}")
+    run = copy.deepcopy(config)
+    run.update_from_flattened_dict(dict(ABLATIONS[name].overrides, seed=seed))
+    if run.data.source == "records" and not run.data.records:
+        run.data.records = str(records_root / f"gap{run.data.gap}")
+    return run
+
+
+def _cached_scores(path: pathlib.Path, settings: dict) -> dict | None:
+    """The scores a run wrote for exactly these evaluation settings, else None (evaluated again)."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.get("settings") == settings else None
+
+
+def run_ablation_sweep(
+    config: ml_collections.ConfigDict,
+    sweep_dir: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+    davis_root: str | pathlib.Path,
+    *,
+    ablations: Sequence[str] = tuple(ABLATIONS),
+    seeds: Sequence[int] = (0, 1, 2),
+    split: str = "val",
+    sequences: Sequence[str] | None = None,
+    protocols: Sequence[str] = ("knn", "linear"),
+) -> dict:
+    """Trains every ablation x seed in `sweep_dir/<ablation>/seed<k>` (resuming or reusing what is there), scores
+    each trained online decoder, and per seed the controls; writes the table, chart and results.json into `out_dir`.
+
+    Resumable per run: a finished run is not trained again, and scores are kept in `<run>/scores.json` beside the
+    settings they were computed with (other settings -> scored again).
+    """
+    from flowfeat_jax import inference
+    from flowfeat_jax.eval import davis
+    from flowfeat_jax.eval import features as features_lib
+    from flowfeat_jax.train import loop
+
+    if "full" not in ablations:
+        raise ValueError("the sweep needs the 'full' row (every delta is taken against it)")
+    if not seeds:
+        raise ValueError("the sweep needs at least one seed")
+    for name in ablations:
+        ablation_config(config, name, 0, pathlib.Path())  # unknown names and bad overrides fail before any work
+    sweep_dir, out_dir = pathlib.Path(sweep_dir), pathlib.Path(out_dir)
+    sequences = list(sequences) if sequences else davis.list_sequences(davis_root, split)
+    settings = {
+        "split": split,
+        "sequences": sequences,
+        "protocols": list(protocols),
+        "short_side": config.eval.short_side,
+        "max_frames": config.eval.max_frames or None,
+        "decoder": config.eval.decoder,
+    }
+    eval_kwargs = {k: v for k, v in settings.items() if k != "decoder"}
+    rows: dict[str, SweepRow] = {name: {p: [] for p in protocols} for name in (*ablations, *CONTROLS)}
+    runs = []
+    total = len(ablations) * len(seeds)
+    for seed in seeds:
+        control_path = sweep_dir / "controls" / f"seed{seed}" / "scores.json"
+        controls = _cached_scores(control_path, settings)
+        if controls is None:
+            start = time.perf_counter()
+            untrained, _ = loop.build_flowfeat(config.model, seed)
+            scores = features_lib.evaluate_davis(
+                untrained, davis_root, control_path.parent / "eval", feature_kinds=("encoder", "flowfeat"),
+                **eval_kwargs,
+            )
+            controls = {"settings": settings, "scores": {"encoder": scores["encoder"], "untrained": scores["flowfeat"]},
+                        "eval_s": time.perf_counter() - start}
+            control_path.write_text(json.dumps(controls, indent=2) + "\n")
+        for row in CONTROLS:
+            for p in protocols:
+                rows[row][p].append(controls["scores"][row][p]["JF_mean"])
+        for name in ablations:
+            run_config = ablation_config(config, name, seed, sweep_dir / "flow")
+            run_dir = sweep_dir / name / f"seed{seed}"
+            scores_path = run_dir / "scores.json"
+            record = _cached_scores(scores_path, settings)
+            if record is None or record.get("step") != run_config.train.num_steps:
+                start = time.perf_counter()
+                loop.train(run_config, run_dir)
+                train_s = time.perf_counter() - start
+                model, _, step = inference.load_flowfeat(run_dir, decoder=config.eval.decoder)
+                start = time.perf_counter()
+                scores = features_lib.evaluate_davis(model, davis_root, run_dir / "eval", **eval_kwargs)
+                record = {"settings": settings, "step": step, "scores": scores["flowfeat"], "train_s": train_s,
+                          "eval_s": time.perf_counter() - start}
+                scores_path.write_text(json.dumps(record, indent=2) + "\n")
+            for p in protocols:
+                rows[name][p].append(record["scores"][p]["JF_mean"])
+            runs.append({"ablation": name, "seed": seed, **{k: record[k] for k in ("step", "train_s", "eval_s")},
+                         "JF": {p: record["scores"][p]["JF_mean"] for p in protocols}})
+            print(f"[{len(runs)}/{total}] {name} seed {seed}: " + ", ".join(
+                f"{p} J&F {record['scores'][p]['JF_mean']:.3f}" for p in protocols), flush=True)
+
+    summary = summarize_sweep(rows, protocols)
+    wall_s = sum(r["train_s"] + r["eval_s"] for r in runs) + sum(
+        json.loads((sweep_dir / "controls" / f"seed{s}" / "scores.json").read_text())["eval_s"] for s in seeds)
+    caption = sweep_caption(config, seeds, sequences, split, wall_s)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ablations.md").write_text(caption + "\n\n" + sweep_markdown(summary, protocols) + "\n")
+    with (out_dir / "ablations.csv").open("w") as f:
+        f.write("setting,seed,protocol,JF_mean\n")
+        for name, by_protocol in rows.items():
+            for p, values in by_protocol.items():
+                for seed, value in zip(seeds, values):
+                    f.write(f"{name},{seed},{p},{value:.6f}\n")
+    sweep_chart(summary, protocols, out_dir / "ablations.png", title=f"DAVIS-2016 {split}: J&F over {len(seeds)} seeds")
+    facts = {"settings": settings, "seeds": list(seeds), "num_steps": config.train.num_steps,
+             "batch_size": config.train.batch_size, "wall_s": wall_s, "runs": runs, "summary": summary,
+             "caption": caption}
+    (out_dir / "ablations.json").write_text(json.dumps(facts, indent=2) + "\n")
+    return facts
+
+
+def summarize_sweep(rows: dict[str, SweepRow], protocols: Sequence[str]) -> dict:
+    """Per row and protocol, in J&F points (x100): per-seed values, mean, sample sd, and the paired difference to
+    'full' of the same seed (the rows of one seed share the encoder, the data order and the crops) with its sd."""
+    summary = {}
+    for name, by_protocol in rows.items():
+        summary[name] = {}
+        for p in protocols:
+            values = 100 * np.asarray(by_protocol[p], float)
+            delta = values - 100 * np.asarray(rows["full"][p], float)
+            sd = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0  # noqa: E731
+            summary[name][p] = {"values": values.round(3).tolist(), "mean": float(values.mean()), "sd": sd(values),
+                                "delta": float(delta.mean()), "delta_sd": sd(delta)}
+    return summary
+
+
+def sweep_caption(config: ml_collections.ConfigDict, seeds: Sequence[int], sequences: Sequence[str], split: str,
+                  wall_s: float) -> str:
+    frames = f"first {config.eval.max_frames} frames" if config.eval.max_frames else "all frames"
+    return (
+        f"DAVIS-2016 {split} ({len(sequences)} sequences, {frames}, short side {config.eval.short_side}); "
+        f"{config.train.num_steps} steps of batch {config.train.batch_size} per run, seeds {', '.join(map(str, seeds))}"
+        f" (the seed sets the random encoder, the decoder init, the data order and the crops); J&F x 100, mean +- sd "
+        f"over seeds; delta = paired difference to 'full' of the same seed, mean +- sd. Wall time of the sweep: "
+        f"{wall_s / 60:.0f} min."
+    )
+
+
+def sweep_markdown(summary: dict, protocols: Sequence[str]) -> str:
+    header = "| setting | paper Δ (Tab. 3) | " + " | ".join(f"{p} J&F | {p} Δ" for p in protocols) + " |"
+    lines = [header, "| --- | ---: |" + " ---: | ---: |" * len(protocols)]
+    for name, by_protocol in summary.items():
+        ablation = ABLATIONS.get(name)
+        label = ablation.label if ablation else CONTROLS[name]
+        paper = "" if ablation is None else ("0" if name == "full" else f"{ablation.paper_delta:+.1f}")
+        cells = []
+        for p in protocols:
+            s = by_protocol[p]
+            cells += [f"{s['mean']:.1f} ± {s['sd']:.1f}", "" if name == "full" else f"{s['delta']:+.1f} ± {s['delta_sd']:.1f}"]
+        lines.append(f"| {label} | {paper} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_chart(summary: dict, protocols: Sequence[str], path: str | pathlib.Path, *, title: str = "") -> None:
+    """One panel per protocol: a bar per setting (mean J&F x 100), a whisker of +-1 sd and a dot per seed."""
+    names = list(summary)
+    label_w, bar_h, gap, top, panel_w, margin = 230, 16, 8, 40, 300, 30
+    height = top + len(names) * (bar_h + gap) + 40
+    width = label_w + len(protocols) * (panel_w + margin) + 10
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    high = max(max(v["values"]) for by_p in summary.values() for v in by_p.values())
+    scale = panel_w / max(10.0, 10 * np.ceil(high / 10))
+    for r, name in enumerate(names):
+        label = ABLATIONS[name].label if name in ABLATIONS else CONTROLS[name]
+        _text(draw, (label_w - 6, top + r * (bar_h + gap) + bar_h / 2), label, anchor="rm")
+    for i, p in enumerate(protocols):
+        x0 = label_w + i * (panel_w + margin)
+        _text(draw, (x0, top - 16), f"{p} J&F x 100")
+        for tick in np.arange(0, panel_w / scale + 1e-6, 10):
+            x = x0 + tick * scale
+            draw.line([(x, top - 4), (x, height - 30)], fill=(225, 225, 225))
+            _text(draw, (x, height - 26), f"{tick:.0f}", anchor="ma")
+        for r, name in enumerate(names):
+            s = summary[name][p]
+            y = top + r * (bar_h + gap)
+            colour = ROW_COLOURS["flowfeat"] if name == "full" else (
+                (200, 200, 200) if name in CONTROLS else (230, 159, 0))
+            draw.rectangle([x0, y, x0 + s["mean"] * scale, y + bar_h], fill=colour)
+            lo, hi = (s["mean"] - s["sd"]) * scale, (s["mean"] + s["sd"]) * scale
+            draw.line([(x0 + lo, y + bar_h / 2), (x0 + hi, y + bar_h / 2)], fill=(0, 0, 0), width=1)
+            for value in s["values"]:
+                cx = x0 + value * scale
+                draw.ellipse([cx - 2, y + bar_h / 2 - 2, cx + 2, y + bar_h / 2 + 2], fill=(0, 0, 0))
+        draw.line([(x0, top - 4), (x0, height - 30)], fill=(0, 0, 0))
+    _text(draw, (10, 8), title or "ablations")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)

@@ -8,6 +8,7 @@ frozen encoder's source and SHA-256 digest instead of its weights (style.md sect
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import pathlib
@@ -92,7 +93,25 @@ class Checkpointer:
             ) from e
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> tuple[Any, dict]:
-        """Restores `step` into the structure of `abstract_state` (and the data iterator in place)."""
+        """Restores `step` into the structure of `abstract_state` (and the data iterator in place).
+
+        A dataclass state whose optional fields are None (TrainState.flow_head) also restores a checkpoint written
+        before those fields existed: they keep their None.
+        """
+        try:
+            return self._restore(step, abstract_state, data_iterator)
+        except ValueError as error:
+            fields = dataclasses.fields(abstract_state) if dataclasses.is_dataclass(abstract_state) else ()
+            older = {f.name: getattr(abstract_state, f.name) for f in fields if getattr(abstract_state, f.name) is not None}
+            if len(older) == len(fields):
+                raise
+            try:
+                state, meta = self._restore(step, older, data_iterator)
+            except ValueError:
+                raise error from None  # the first error names the mismatch; the retry only dropped the unset fields
+            return abstract_state.replace(**state), meta
+
+    def _restore(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict]:
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if data_iterator is not None and not (self.directory / str(step) / "data").is_dir():
             # An imported checkpoint has no data item: the data order starts afresh.

@@ -112,6 +112,7 @@ def step_config(config: ml_collections.ConfigDict) -> step_lib.StepConfig:
         grad_weight=config.loss.grad_weight,
         sigma=config.loss.sigma,
         ridge_alpha=config.loss.ridge_alpha,
+        flow_map=config.loss.flow_map,
         ema_enabled=config.ema.enabled,
         ema_beta=config.ema.beta,
         ema_update_after_step=config.ema.update_after_step,
@@ -121,17 +122,29 @@ def step_config(config: ml_collections.ConfigDict) -> step_lib.StepConfig:
     )
 
 
-def init_train_state(decoder_params: Any, tx: optax.GradientTransformation, seed: int) -> step_lib.TrainState:
-    """Step 0: the EMA teacher starts as a copy of the online decoder (ema_pytorch deep-copies at construction)."""
-    return step_lib.TrainState(
+def init_train_state(
+    decoder_params: Any, tx: optax.GradientTransformation, seed: int, flow_head: Any = None
+) -> step_lib.TrainState:
+    """Step 0: the EMA teacher starts as a copy of the online decoder (ema_pytorch deep-copies at construction);
+    `flow_head` is the learned map of the `loss.flow_map='linear'` ablation (`initial_flow_head`)."""
+    state = step_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=decoder_params,
         ema_params=jax.tree.map(jnp.copy, decoder_params),
-        opt_state=tx.init(decoder_params),
+        opt_state=None,
         rng=jax.random.key_data(jax.random.key(seed)),
         nonfinite=jnp.zeros((), jnp.int32),
         nonfinite_total=jnp.zeros((), jnp.int32),
+        flow_head=flow_head,
     )
+    return state.replace(opt_state=tx.init(step_lib.trainable_params(state)))
+
+
+def initial_flow_head(config: ml_collections.ConfigDict) -> jax.Array | None:
+    """The learned flow map's start for `loss.flow_map='linear'` (Tab. 3 naive), None for the released ridge map."""
+    if config.loss.flow_map != "linear":
+        return None
+    return step_lib.init_flow_head(config.seed, config.model.features)
 
 
 def ensure_records(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
@@ -306,7 +319,7 @@ def _train_locked(
     encoder_params, decoder_params = pure["encoder"], pure["decoder"]
     encoder_digest = ckpt_lib.tree_digest(encoder_params)
     tx = make_optimizer(config.train, config.model.random_decoder)
-    state = init_train_state(decoder_params, tx, config.seed)
+    state = init_train_state(decoder_params, tx, config.seed, initial_flow_head(config))
     meta = {
         "config": json.loads(config.to_json_best_effort()),
         "encoder": {"source": encoder_source, "digest": encoder_digest},

@@ -4,7 +4,8 @@ One sample (recipe.md "One training sample", steps 2-8; mirrors model.py FlowFea
   1. the square frame is ImageNet-normalised; its flow (already in normalised units) is standardised per image;
   2. two affine crops (theta1, theta2) drawn from `fold_in(rng, step)` sample the frame and the flow;
   3. the frozen encoder embeds both crops in one batched call; the EMA decoder embeds crop 1, the online decoder crop 2;
-  4. a ridge regression fits crop 1's flow from the EMA features, the map is applied to the online features;
+  4. a ridge regression fits crop 1's flow from the EMA features, the map is applied to the online features (the
+     Tab. 3 "naive" ablation, `flow_map='linear'`, applies one learned linear layer to the online features instead);
   5. loss = grad_weight * L_grad + flow_weight * L_flow; AdamW on the decoder; EMA update (ema_pytorch schedule).
 A step whose loss, gradient norm or update norm is not finite leaves params, EMA and optimiser state untouched (inside
 jit, no host round trip) and is counted.
@@ -43,6 +44,9 @@ class TrainState:
     rng: jax.Array  # uint32 key data; per-step randomness is fold_in(rng, step)
     nonfinite: jax.Array  # int32: consecutive non-finite steps (reset by a finite one)
     nonfinite_total: jax.Array  # int32: all non-finite steps of the run
+    # The learned (d + 1, c) features -> flow map of the `flow_map='linear'` ablation (trained with the decoder by
+    # the same optimiser; opt_state then covers {"decoder", "flow_head"}); None for the released per-image ridge map.
+    flow_head: PyTree = None
 
 
 def update_is_finite(loss: jax.Array, grad_norm: jax.Array, updates: PyTree) -> jax.Array:
@@ -68,6 +72,7 @@ class StepConfig:
     grad_weight: float = 1.0  # weight of the focal gradient loss
     sigma: float = 0.1  # focal gradient loss sigma
     ridge_alpha: float = 0.1
+    flow_map: str = "ridge"  # 'ridge' (released: per-image ridge map from the teacher) | 'linear' (Tab. 3 naive)
     ema_enabled: bool = True  # False: the teacher is the (stop-gradient) online decoder
     ema_beta: float = 0.999
     ema_update_after_step: int = 1
@@ -90,6 +95,21 @@ def flow_objective(cfg: StepConfig, pred: jax.Array, target: jax.Array) -> dict[
     return {"loss": total, "flow_loss": flow_term, "grad_loss": grad_term}
 
 
+def init_flow_head(seed: int, features: int, channels: int = 2) -> jax.Array:
+    """The (features + 1, channels) map of the `flow_map='linear'` ablation, bias as the last row (the layout of
+    `ridge.ridge_solve`'s weights), uniform in +-1/sqrt(features) like torch's nn.Linear(features, channels)."""
+    bound = 1.0 / features**0.5
+    key = jax.random.fold_in(jax.random.key(seed), 0x48454144)  # a stream of its own, apart from the crop keys
+    return jax.random.uniform(key, (features + 1, channels), jnp.float32, -bound, bound)
+
+
+def trainable_params(state: TrainState) -> PyTree:
+    """What the optimiser updates: the online decoder, plus the learned flow map of the 'linear' ablation."""
+    if state.flow_head is None:
+        return state.params
+    return {"decoder": state.params, "flow_head": state.flow_head}
+
+
 def make_train_step(
     graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig
 ) -> Callable[[TrainState, dict, PyTree], tuple[TrainState, dict]]:
@@ -99,6 +119,9 @@ def make_train_step(
     """
     if cfg.flow_loss not in ("l1", "l2"):
         raise ValueError(f"loss.flow must be 'l1' or 'l2', got {cfg.flow_loss!r}")
+    if cfg.flow_map not in ("ridge", "linear"):
+        raise ValueError(f"loss.flow_map must be 'ridge' or 'linear', got {cfg.flow_map!r}")
+    learned_map = cfg.flow_map == "linear"
     if cfg.input_size % 2:
         raise ValueError(f"train.input_size must be even, got {cfg.input_size}")
 
@@ -106,6 +129,9 @@ def make_train_step(
         return nnx.merge(graphdef, {"encoder": encoder_params, "decoder": decoder_params})
 
     def train_step(state: TrainState, batch: dict, encoder_params: PyTree) -> tuple[TrainState, dict]:
+        if learned_map != (state.flow_head is not None):
+            raise ValueError(f"loss.flow_map={cfg.flow_map!r} needs a train state {'with' if learned_map else 'without'}"
+                             " a flow_head (loop.init_train_state(..., flow_head=...))")
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         key_crop1, key_crop2 = jax.random.split(rng)
         frames = normalize_images(batch["frame"])
@@ -119,27 +145,36 @@ def make_train_step(
         crop1, crop2 = crops.affine_crop(frames, theta1, out_hw), crops.affine_crop(frames, theta2, out_hw)
         flow1, flow2 = crops.affine_crop(flow, theta1, out_hw), crops.affine_crop(flow, theta2, out_hw)
 
-        # The frozen encoder sees both crops in one call; its outputs carry no gradient.
-        encoded = model_with(encoder_params, state.params).encode(jnp.concatenate([crop1, crop2]))
-        hooked1 = [h[:batch_size] for h in encoded.hooked]
-        hooked2 = [h[batch_size:] for h in encoded.hooked]
-        teacher_params = state.ema_params if cfg.ema_enabled else state.params
-        teacher = jax.lax.stop_gradient(model_with(encoder_params, teacher_params).decoder(hooked1, out_hw))
-        # The ridge map depends only on the teacher, so it is solved once outside the differentiated function.
-        coef = ridge.ridge_solve(teacher, flow1, cfg.ridge_alpha)
-        # On CPU the student pass starts once the ridge is solved (ops.run_after says why).
-        hooked2 = ops.run_after(hooked2, coef)
+        if learned_map:  # Tab. 3 naive: no teacher, no crop-1 regression; crop 1's key is drawn all the same
+            hooked2 = model_with(encoder_params, state.params).encode(crop2).hooked
+            coef = None
+        else:
+            # The frozen encoder sees both crops in one call; its outputs carry no gradient.
+            encoded = model_with(encoder_params, state.params).encode(jnp.concatenate([crop1, crop2]))
+            hooked1 = [h[:batch_size] for h in encoded.hooked]
+            hooked2 = [h[batch_size:] for h in encoded.hooked]
+            teacher_params = state.ema_params if cfg.ema_enabled else state.params
+            teacher = jax.lax.stop_gradient(model_with(encoder_params, teacher_params).decoder(hooked1, out_hw))
+            # The ridge map depends only on the teacher, so it is solved once outside the differentiated function.
+            coef = ridge.ridge_solve(teacher, flow1, cfg.ridge_alpha)
+            # On CPU the student pass starts once the ridge is solved (ops.run_after says why).
+            hooked2 = ops.run_after(hooked2, coef)
 
-        def loss_fn(params):
+        def loss_fn(trainable):
+            params, weights = (trainable["decoder"], trainable["flow_head"]) if learned_map else (trainable, coef)
             student = model_with(encoder_params, params).decoder(hooked2, out_hw)
-            pred = ridge.ridge_predict(student, coef)
+            if learned_map:  # one map for every image: the ridge map's (B, d + 1, c) layout, broadcast
+                weights = jnp.broadcast_to(weights, (batch_size, *weights.shape))
+            pred = ridge.ridge_predict(student, weights)
             terms = flow_objective(cfg, pred, flow2)
             return terms["loss"], terms
 
-        (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        trainable = trainable_params(state)
+        (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        trained = optax.apply_updates(trainable, updates)
+        params, flow_head = (trained["decoder"], trained["flow_head"]) if learned_map else (trained, None)
         ema_params, decay = ema.ema_update(
             state.ema_params,
             params,
@@ -158,6 +193,7 @@ def make_train_step(
             params=keep(params, state.params),
             ema_params=keep(ema_params, state.ema_params),
             opt_state=keep(opt_state, state.opt_state),
+            flow_head=keep(flow_head, state.flow_head),
             nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
             nonfinite_total=(state.nonfinite_total + (~finite).astype(jnp.int32)),
         )
