@@ -38,6 +38,7 @@ from flowfeat_jax.torch_ref.flowfeat import TorchFlowFeat, TorchFlowFeatConfig
 from flowfeat_jax.torch_ref.vit import HubViTConfig
 from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import loop
+from flowfeat_jax.train import run_support
 from flowfeat_jax.train import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -508,7 +509,7 @@ def test_import_torch_bad_file(released_state, tmp_path, capsys, change, key):
 # --------------------------------------------------------------------------------------------------------------------
 # Issue 21: no silent wrong results. Each class of the issue, one row per case (and siblings), through the one
 # mechanism that fixes it: config.validate_config, export.export_mismatches, videos.frame_files / read_rgb, the
-# step's update guard + loop.save_checkpoint, the architecture record of exports, loop's resume rules and RunLock.
+# step's update guard + save_checkpoint, the architecture record of exports, the resume rules and RunLock.
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -776,9 +777,9 @@ def test_settings_that_do_not_alter_the_trajectory_may_change_on_resume():
     config = tiny_config(num_steps=60)
     config.train.log_every, config.train.checkpoint_every, config.data.num_workers = 7, 5, 1
     config.eval.davis, config.eval.every = str(DEMO_CLIP), 10
-    assert loop.changed_settings(saved, config) == []
+    assert run_support.changed_settings(saved, config) == []
     config.seed = 3
-    assert loop.changed_settings(saved, config) == ["seed: 0 -> 3"]
+    assert run_support.changed_settings(saved, config) == ["seed: 0 -> 3"]
 
 
 def test_a_second_training_on_one_workdir_is_refused(tmp_path):

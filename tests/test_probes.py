@@ -2,10 +2,13 @@
 (folders, mocked tfds), bad inputs, and CLI smoke runs of both probe configs with a tiny random model."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -18,6 +21,8 @@ from flowfeat_jax.probes import data as data_lib
 from flowfeat_jax.probes import depth as depth_lib
 from flowfeat_jax.probes import run as run_lib
 from flowfeat_jax.probes import segmentation as seg_lib
+from flowfeat_jax.train import checkpoint as ckpt_lib
+from flowfeat_jax.train import run_support
 
 
 # --- COCO-Stuff-27 mapping --------------------------------------------------------------------------------------
@@ -360,8 +365,8 @@ def test_batches_resume_sequence():
 # --- CLI smoke runs (subprocesses, ~30 s each on 2 cores) ------------------------------------------------------
 TINY = {
     **TINY_MODEL, "model.encoder_size.patch_size": 8, "data.input_size": 32,
-    "train.num_steps": 3, "train.batch_size": 2, "train.log_every": 1, "train.checkpoint_every": 2, "eval.batch_size": 2,
-    "eval.num_pictures": 2, "data.num_workers": 2,
+    "train.num_steps": 3, "train.batch_size": 2, "train.log_every": 1, "train.checkpoint_every": 2,
+    "eval.batch_size": 2, "eval.num_pictures": 2, "data.num_workers": 2,
 }
 TINY_FLAGS = config_flags(TINY)
 
@@ -447,3 +452,103 @@ def test_probe_cli_refuses_the_old_train_steps_name(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip() == "flowfeat_jax.probe: error: unknown config key in --config.train.steps=3: 'steps'"
     assert not (tmp_path / "run").exists()
+
+
+# --- the train loop's machinery in the probe trainer: stop and resume, the non-finite guard ---------------------------
+def _small_coco_config(root, **train):
+    """The COCO-Stuff probe on the tiny random model, encoder features only (no FlowFeat pass, no PAMR): seconds."""
+    config = _load_config("configs/probe_cocostuff.py")
+    config.update_from_flattened_dict(TINY)
+    config.data.root, config.data.eval_crop, config.data.num_workers = str(root), 32, 0
+    config.features.which, config.pamr.enabled, config.probe.num_heads = "encoder", False, 4
+    config.log.tensorboard = False
+    for key, value in train.items():
+        config.train[key] = value
+    return config
+
+
+def _probe_digest(workdir):
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints")
+    step = checkpointer.latest_step()
+    state, _ = checkpointer.restore_raw(step)
+    checkpointer.close()
+    return step, ckpt_lib.tree_digest(state["params"])
+
+
+@pytest.mark.slow
+def test_probe_stopped_by_sigterm_saves_and_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, capsys):
+    _write_cocostuff(tmp_path / "coco", "train2017", 3)
+    _write_cocostuff(tmp_path / "coco", "val2017", 2, seed=1)
+    config = _small_coco_config(tmp_path / "coco", num_steps=4, checkpoint_every=10)
+    full = run_lib.run(config, tmp_path / "full")
+
+    make_train_step = run_lib.make_train_step
+
+    def signalled_after_two_steps(*args):
+        step, calls = make_train_step(*args), []
+
+        def counted(*step_args):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # through the run's handler: no checkpoint is due at step 2
+            return step(*step_args)
+
+        return counted
+
+    monkeypatch.setattr(run_lib, "make_train_step", signalled_after_two_steps)
+    with pytest.raises(run_support.TrainingError, match="stopped by SIGTERM after step 2; checkpoint saved in"):
+        run_lib.run(config, tmp_path / "stopped")
+    assert _probe_digest(tmp_path / "stopped")[0] == 2 and not (tmp_path / "stopped/metrics.json").exists()
+    monkeypatch.setattr(run_lib, "make_train_step", make_train_step)
+    capsys.readouterr()
+    resumed = run_lib.run(config, tmp_path / "stopped")
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert _probe_digest(tmp_path / "stopped") == _probe_digest(tmp_path / "full")  # bitwise on CPU
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+            for name in ("full", "stopped")}
+    assert [r["step"] for r in rows["stopped"]] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows["stopped"]] == [r["loss"] for r in rows["full"]]
+    assert resumed["miou"] == full["miou"] and resumed["last_loss"] == full["last_loss"]
+    assert (tmp_path / "stopped/metrics.json").read_text() == (tmp_path / "full/metrics.json").read_text()
+
+    # The resume rules of the FlowFeat loop hold: changed training settings are refused, nothing is written.
+    config.train.lr = 3e-4
+    with pytest.raises(run_support.TrainingError, match=r"resuming from step 4 .*train.lr: 0.0001 -> 0.0003"):
+        run_lib.run(config, tmp_path / "stopped")
+
+
+def test_probe_step_with_a_non_finite_update_leaves_the_probe_unchanged():
+    probe = seg_lib.SegmentationProbe(seg_lib.SegmentationProbeConfig(num_classes=3, flowfeat_dim=8, num_heads=2),
+                                      rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(probe)
+    params = nnx.to_pure_dict(state)
+    before = ckpt_lib.tree_digest(params)
+    tx = run_lib.make_optimizer(ml_collections.ConfigDict(dict(lr=float("nan"), weight_decay=0.0)))
+    opt_state = tx.init(params)
+    opt_before = ckpt_lib.tree_digest(opt_state)
+
+    def loss(probe, encoder, flowfeat, batch):
+        return seg_lib.cross_entropy_ignore(probe(encoder, flowfeat, batch["labels"].shape[1:3]), batch["labels"])
+
+    step = run_lib.make_train_step(graphdef, lambda model_params, images: model_params, loss, tx)
+    features = (None, jnp.ones((1, 4, 4, 8)))
+    batch = {"image": np.zeros((1, 1), np.uint8), "labels": np.zeros((1, 4, 4), np.int32)}
+    params, opt_state, value = step(params, opt_state, features, batch)
+    assert np.isnan(float(value))  # a finite loss and gradient, a NaN update: the step is discarded
+    assert ckpt_lib.tree_digest(params) == before and ckpt_lib.tree_digest(opt_state) == opt_before
+
+
+@pytest.mark.slow
+def test_probe_run_stops_after_max_nonfinite_steps_with_the_probe_unchanged(tmp_path):
+    _write_cocostuff(tmp_path / "coco", "train2017", 3)
+    config = _small_coco_config(tmp_path / "coco", num_steps=6, checkpoint_every=2, max_nonfinite=3)
+    config.train.lr = float("nan")
+    with pytest.raises(run_support.TrainingError, match=r"3 consecutive non-finite steps, 1 to 3; images of step 3"):
+        run_lib.run(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run/train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isnan(r["loss"]) for r in rows)  # step 3 stopped it
+    # The checkpoint of step 2 holds the initial probe (each NaN update was discarded); the run stopped before step 4.
+    model, _ = run_lib.build_feature_model(config)
+    initial = nnx.to_pure_dict(nnx.split(run_lib.make_probe(config, model))[1])
+    assert _probe_digest(tmp_path / "run") == (2, ckpt_lib.tree_digest(initial))
+    assert not (tmp_path / "run/metrics.json").exists()

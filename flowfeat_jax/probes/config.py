@@ -52,6 +52,8 @@ def base_probe_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 2
+    c.train.max_nonfinite = 10  # stop after this many consecutive non-finite steps (each leaves the probe unchanged)
+    c.train.allow_changes = False  # resume with changed training settings (the old config kept as config.<step>.json)
     # Names as in the train configs; a config file setting another one (the old `train.steps`) fails here.
     c.train.lock()
 
@@ -61,4 +63,6 @@ def base_probe_config() -> ml_collections.ConfigDict:
     c.eval.num_pictures = 8
     c.eval.min_depth = 1e-3  # depth evaluation range (AdaBins min_depth_eval / max_depth_eval)
     c.eval.max_depth = 10.0
+
+    c.log = base_config().log  # TensorBoard event files beside train_log.jsonl; W&B when a project is named
     return c

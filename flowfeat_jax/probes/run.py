@@ -2,10 +2,11 @@
 
 `run(config, workdir)` builds the frozen feature model (a trained FlowFeat run dir, or `config.model`: an encoder by
 HF name / local dir, or a random architecture for smoke runs), trains the probe with the paper's Adam (L2 weight
-decay, constant lr),
-checkpoints it with orbax (resuming from `workdir/checkpoints`), evaluates, and writes `metrics.json` and prediction
-pictures under `workdir/pictures/`. Features are computed on the fly inside the jitted step (no gradient reaches
-the feature model).
+decay, constant lr), evaluates, and writes `metrics.json` and prediction pictures under `workdir/pictures/`. Features
+are computed on the fly inside the jitted step (no gradient reaches the feature model). The task (`config.task`) is
+data (probes/tasks.py); the run follows the FlowFeat loop's rules through the same machinery (train/run_support.py):
+orbax checkpoints in `workdir/checkpoints` and their resume rules, the run lock, SIGTERM / SIGINT, the non-finite
+guard, and the metric writer (train_log.jsonl and TensorBoard).
 """
 
 from __future__ import annotations
@@ -23,18 +24,25 @@ import ml_collections
 import numpy as np
 import optax
 
-from flowfeat_jax import errors, inference
+from flowfeat_jax import inference
 from flowfeat_jax.models.vit import normalize_images
 from flowfeat_jax.ports import build
 from flowfeat_jax.probes import data as data_lib
-from flowfeat_jax.probes import depth as depth_lib
-from flowfeat_jax.probes import pamr as pamr_lib
-from flowfeat_jax.probes import segmentation as seg_lib
+from flowfeat_jax.probes import tasks as tasks_lib
 from flowfeat_jax.progress import progress
 from flowfeat_jax.train import checkpoint as ckpt_lib
+from flowfeat_jax.train import metric_writer
+from flowfeat_jax.train import run_support
+from flowfeat_jax.train import step as step_lib
 from flowfeat_jax.viz import save_png
 
 FEATURE_CHOICES = ("encoder", "flowfeat", "both")
+LOG_FILE = "train_log.jsonl"  # beside the metrics.json of the evaluation
+
+
+def uses_flowfeat(config: ml_collections.ConfigDict) -> bool:
+    """Whether the FlowFeat features are computed: for the probe (`features.which`) or for the task (PAMR)."""
+    return config.features.which != "encoder" or tasks_lib.get_task(config.task).uses_flowfeat(config)
 
 
 def build_feature_model(config: ml_collections.ConfigDict):
@@ -43,7 +51,7 @@ def build_feature_model(config: ml_collections.ConfigDict):
         model, _, step = inference.load_flowfeat(config.features.run_dir, decoder=config.features.decoder)
         return model, f"{config.features.run_dir}@{step}:{config.features.decoder}"
     model, source = build.build_flowfeat(config.model, config.seed)
-    if config.features.which != "encoder" or (config.task == "segmentation" and config.pamr.enabled):
+    if uses_flowfeat(config):
         logging.warning("features.run_dir is empty: the FlowFeat decoder is randomly initialised (%s)", source)
     return model, source + ":random-decoder"
 
@@ -75,18 +83,7 @@ def make_probe(config: ml_collections.ConfigDict, model) -> nnx.Module:
         encoder_dim=model.cfg.encoder.hidden_size if which in ("encoder", "both") else 0,
         flowfeat_dim=model.cfg.decoder.features if which in ("flowfeat", "both") else 0,
     )
-    rngs = nnx.Rngs(config.seed)
-    p = config.probe
-    if config.task == "segmentation":
-        cfg = seg_lib.SegmentationProbeConfig(num_classes=config.data.num_classes, num_heads=p.num_heads,
-                                              with_norm=p.with_norm, downscale=p.downscale, **widths)
-        return seg_lib.SegmentationProbe(cfg, rngs=rngs)
-    if config.task == "depth":
-        cfg = depth_lib.DepthProbeConfig(num_bins=p.num_bins, num_queries=p.num_queries, embed_dim=p.embed_dim,
-                                         num_heads=p.num_heads, token_stride=p.token_stride, min_depth=p.min_depth,
-                                         max_depth=p.max_depth, **widths)
-        return depth_lib.DepthProbe(cfg, rngs=rngs)
-    raise ValueError(f"config.task must be 'segmentation' or 'depth', got {config.task!r}")
+    return tasks_lib.get_task(config.task).build_probe(config, widths, nnx.Rngs(config.seed))
 
 
 def check_input_size(size: int, patch_size: int) -> None:
@@ -112,56 +109,13 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
     return optax.chain(optax.add_decayed_weights(train_cfg.weight_decay), optax.adam(train_cfg.lr))
 
 
-# --- data ---------------------------------------------------------------------------------------------------------
-def make_source(config: ml_collections.ConfigDict, split: str, crop: int, input_size: int):
-    """(number of items, load(i) -> dict of arrays) for a split of the configured dataset, at the `input_sizes`."""
-    d = config.data
-    if config.task == "segmentation":
-        if not d.root:
-            raise ValueError("config.data.root is empty: point it at the COCO-Stuff folder (see probes/data.py)")
-        image_list = d.train_list if split == d.train_split else d.eval_list
-        source = data_lib.CocoStuffFolder(d.root, split, image_list or None)
-        return len(source), lambda i: source.load(i, input_size, crop)
-    if d.source == "tfds":
-        source = data_lib.NyuTfds(split, d.tfds_data_dir or None)
-    elif d.source == "folder":
-        if not d.root:
-            raise ValueError("config.data.root is empty: point it at the NYUv2 folder (see probes/data.py)")
-        source = data_lib.NyuFolder(d.root, split)
-    else:
-        raise ValueError(f"config.data.source must be 'folder' or 'tfds', got {d.source!r}")
-
-    def load(i):
-        image, depth = source.load(i)
-        return data_lib.nyu_sample(image, depth, crop, input_size, source=f"{split}[{i}]")
-
-    return len(source), load
-
-
 # --- steps --------------------------------------------------------------------------------------------------------
-def make_loss(config: ml_collections.ConfigDict) -> Callable:
-    """loss(probe, encoder, flowfeat, batch) -> scalar for the configured task."""
-    if config.task == "segmentation":
-
-        def seg_loss(probe, encoder, flowfeat, batch):
-            logits = probe(encoder, flowfeat, batch["labels"].shape[1:3])
-            return seg_lib.cross_entropy_ignore(logits, batch["labels"])
-
-        return seg_loss
-    p, weights = config.probe, config.loss
-
-    def depth_loss(probe, encoder, flowfeat, batch):
-        target = batch["depth"]
-        pred, _ = probe(encoder, flowfeat, target.shape[1:3])
-        valid = depth_lib.valid_depth(target, p.min_depth, p.max_depth)
-        return (weights.silog_weight * depth_lib.silog_loss(pred, target, valid)
-                + weights.grad_weight * depth_lib.gradient_loss(pred, target, valid))
-
-    return depth_loss
-
-
 def make_train_step(probe_graphdef, extract: Callable, loss: Callable, tx: optax.GradientTransformation):
-    """Jitted (params, opt_state, model_params, batch) -> (params, opt_state, loss); params and opt_state donated."""
+    """Jitted (params, opt_state, model_params, batch) -> (params, opt_state, loss); params and opt_state donated.
+
+    `loss(probe, encoder, flowfeat, batch)` is the task's. A step whose loss, gradient or update is not finite leaves
+    params and opt_state unchanged (the guard of train/step.py) and returns a NaN loss.
+    """
 
     def step(params, opt_state, model_params, batch):
         encoder, flowfeat = jax.lax.stop_gradient(extract(model_params, batch["image"]))
@@ -170,166 +124,142 @@ def make_train_step(probe_graphdef, extract: Callable, loss: Callable, tx: optax
             return loss(nnx.merge(probe_graphdef, p), encoder, flowfeat, batch)
 
         value, grads = jax.value_and_grad(objective)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        finite = step_lib.update_is_finite(value, optax.tree.norm(grads), updates)
+        new_params = optax.apply_updates(params, updates)
+        return (step_lib.keep_if_finite(finite, new_params, params),
+                step_lib.keep_if_finite(finite, new_opt_state, opt_state), jnp.where(finite, value, jnp.nan))
 
     return jax.jit(step, donate_argnums=(0, 1))
 
 
 def make_eval_step(config: ml_collections.ConfigDict, probe_graphdef, extract: Callable):
-    """Jitted (params, model_params, batch) -> dict of predictions (and confusion matrices for segmentation)."""
-    num_classes = config.data.num_classes
+    """Jitted (params, model_params, batch) -> the task's predictions (and confusion matrices for segmentation)."""
+    predict = tasks_lib.get_task(config.task).make_predict(config)
 
-    def segment(params, model_params, batch):
+    def step(params, model_params, batch):
         encoder, flowfeat = extract(model_params, batch["image"])
-        labels = batch["labels"]
-        logits = nnx.merge(probe_graphdef, params)(encoder, flowfeat, labels.shape[1:3])
-        pred = jnp.argmax(logits, axis=-1)
-        out = {"pred": pred, "confusion": seg_lib.confusion_matrix(pred, labels, num_classes)}
-        if config.pamr.enabled:
-            c = config.pamr
-            probs = pamr_lib.pamr(flowfeat, jax.nn.softmax(logits, axis=-1), kernel=c.kernel, size=c.size,
-                                  dilations=tuple(c.dilations), num_iter=c.num_iter, scale=c.scale)
-            out["pred_pamr"] = jnp.argmax(seg_lib.resize_bilinear(probs, labels.shape[1:3]), axis=-1)
-            out["confusion_pamr"] = seg_lib.confusion_matrix(out["pred_pamr"], labels, num_classes)
-        return out
+        return predict(nnx.merge(probe_graphdef, params), encoder, flowfeat, batch)
 
-    def estimate(params, model_params, batch):
-        encoder, flowfeat = extract(model_params, batch["image"])
-        pred, _ = nnx.merge(probe_graphdef, params)(encoder, flowfeat, batch["depth"].shape[1:3])
-        return {"pred": pred}
-
-    return jax.jit(segment if config.task == "segmentation" else estimate)
+    return jax.jit(step)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
 def evaluate(config, eval_step, params, model_params, num_items, load, pictures_dir: pathlib.Path) -> dict[str, Any]:
-    """Runs the eval split; returns the metrics and writes `eval.num_pictures` prediction pictures."""
+    """Runs the eval split; returns the task's metrics and writes `eval.num_pictures` prediction pictures."""
+    task = tasks_lib.get_task(config.task)
     limit = min(num_items, config.eval.max_images) if config.eval.max_images else num_items
     batches = data_lib.batches(load, limit, config.eval.batch_size, num_workers=config.data.num_workers)
-    num_classes = config.data.num_classes
-    confusion = {k: np.zeros((num_classes, num_classes), np.int64) for k in ("", "_pamr")}
-    per_image, skipped, pictures = [], 0, 0
+    scores, pictures = task.make_scores(config), 0
     for batch in progress(batches, total=-(-limit // config.eval.batch_size), desc="eval", unit="batch"):
         out = jax.device_get(eval_step(params, model_params, {k: v for k, v in batch.items() if k != "index"}))
-        if config.task == "segmentation":
-            confusion[""] += out["confusion"]
-            if "confusion_pamr" in out:
-                confusion["_pamr"] += out["confusion_pamr"]
-        else:
-            for pred, gt, eigen in zip(out["pred"], batch["depth"], batch["eigen"]):
-                errors = depth_lib.image_depth_errors(pred, gt, eigen, min_depth=config.eval.min_depth,
-                                                      max_depth=config.eval.max_depth)
-                skipped += errors is None
-                if errors is not None:
-                    per_image.append(errors)
+        scores.add(batch, out)
         for b in range(len(batch["index"])):
             if pictures >= config.eval.num_pictures:
                 break
-            save_png(pictures_dir / f"{pictures:03d}_{int(batch['index'][b])}.png", _picture(config, batch, out, b))
+            panels = task.picture_panels(config, batch, out, b)
+            picture = np.concatenate([_image_panel(batch["image"][b], panels[0].shape[:2]), *panels], axis=1)
+            save_png(pictures_dir / f"{pictures:03d}_{int(batch['index'][b])}.png", picture)
             pictures += 1
-    if config.task == "segmentation":
-        metrics = {"num_images": limit, **{f"{k}{suffix}": v for suffix, c in confusion.items() if c.sum()
-                                           for k, v in seg_lib.segmentation_scores(c).items()}}
-        metrics["classes"] = list(data_lib.COARSE_CLASSES) if num_classes == data_lib.NUM_COARSE_CLASSES else None
-        return metrics
-    if not per_image:
-        raise ValueError("no evaluation image has valid ground-truth depth")
-    means = {k: float(np.mean([e[k] for e in per_image])) for k in per_image[0]}
-    return {"num_images": len(per_image), "invalid_images": skipped, **means}
+    return scores.result(limit)
 
 
-def _picture(config, batch, out, b) -> np.ndarray:
-    """Input | ground truth | prediction (| prediction + PAMR), side by side at the ground-truth size."""
-    if config.task == "segmentation":
-        k = config.data.num_classes
-        panels = [batch["image"][b], seg_lib.colorize_labels(batch["labels"][b], k),
-                  seg_lib.colorize_labels(out["pred"][b], k)]
-        if "pred_pamr" in out:
-            panels.append(seg_lib.colorize_labels(out["pred_pamr"][b], k))
-    else:
-        gt = batch["depth"][b]
-        image = np.asarray(jax.image.resize(batch["image"][b].astype(np.float32), (*gt.shape, 3), "linear"))
-        invalid = ~(gt > config.eval.min_depth)
-        panels = [np.clip(image, 0, 255).astype(np.uint8), depth_lib.colorize_depth(gt, config.eval.max_depth, invalid),
-                  depth_lib.colorize_depth(out["pred"][b], config.eval.max_depth)]
-    return np.concatenate(panels, axis=1)
+def _image_panel(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The input image at the ground-truth size (the network may see the scored crop smaller: data.input_size)."""
+    if image.shape[:2] == tuple(size):
+        return image
+    resized = np.asarray(jax.image.resize(image.astype(np.float32), (*size, 3), "linear"))
+    return np.clip(resized, 0, 255).astype(np.uint8)
 
 
 # --- driver -------------------------------------------------------------------------------------------------------
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Train (or resume) the probe to `train.num_steps`, evaluate, write metrics.json; returns the metrics."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    logging.info("config:\n%s", config)
-    if config.task == "segmentation" and config.pamr.enabled:
-        pamr_lib.kernel_offsets(config.pamr.kernel, config.pamr.size, config.pamr.dilations)  # before any work
-    tx = make_optimizer(config.train)
+    """Train (or resume) the probe to `train.num_steps`, evaluate, write metrics.json; returns the metrics.
 
+    As the FlowFeat loop: another run holding `workdir`, a resume onto other frozen features (by digest) and, unless
+    train.allow_changes, a resume with changed training settings are refused before anything in `workdir` changes;
+    SIGTERM / SIGINT save a checkpoint and stop (rerun to resume); a non-finite step leaves the probe unchanged and
+    `train.max_nonfinite` consecutive ones stop the run; a non-finite probe is never saved.
+    """
+    task = tasks_lib.get_task(config.task)
+    task.check(config)  # before any work
+    workdir = run_support.make_workdir(workdir)
+    with run_support.RunLock(workdir):
+        return _run_locked(config, task, workdir)
+
+
+def _run_locked(config: ml_collections.ConfigDict, task: tasks_lib.ProbeTask, workdir: pathlib.Path) -> dict[str, Any]:
+    logging.info("config:\n%s", config)
+    tx = make_optimizer(config.train)
     model, source = build_feature_model(config)
     crop, input_size = input_sizes(config.data, model.cfg.encoder.patch_size)
-    use_encoder = config.features.which in ("encoder", "both")
-    use_flowfeat = config.features.which != "encoder" or (config.task == "segmentation" and config.pamr.enabled)
     model_graphdef, model_state = nnx.split(model)
     model_params = nnx.to_pure_dict(model_state)
-    extract = make_extractor(model_graphdef, use_encoder, use_flowfeat)
+    extract = make_extractor(model_graphdef, config.features.which in ("encoder", "both"), uses_flowfeat(config))
 
     probe = make_probe(config, model)
     probe_graphdef, probe_state = nnx.split(probe)
     params = nnx.to_pure_dict(probe_state)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    meta = {"config": json.loads(config.to_json_best_effort()), "features": source, "probe": repr(probe.cfg)}
+    digest = ckpt_lib.tree_digest(model_params)
+    meta = {"config": json.loads(config.to_json_best_effort()), "features": source, "probe": repr(probe.cfg),
+            "encoder": {"source": source, "digest": digest}}  # the frozen feature model, checked on resume
 
+    run_support.warn_half_written(workdir / "checkpoints")
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    start = checkpointer.latest_step()
-    if start is not None:
-        state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state))
-        logging.info("resumed probe from %s at step %d", checkpointer.directory, start)
-    start = int(state["step"])
+    writer = metric_writer.MetricWriter(workdir, tensorboard=config.log.tensorboard,
+                                        wandb_project=config.log.wandb_project,
+                                        config=json.loads(config.to_json_best_effort()), jsonl_name=LOG_FILE)
+    try:
+        start, changes = run_support.resume_point(checkpointer, config, source, digest, workdir)
+        num_train, load_train = task.make_source(config, config.data.train_split, crop, input_size)
+        if start is not None:
+            state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state))
+            logging.info("resumed probe from %s at step %d", checkpointer.directory, start)
+        start = int(state["step"])
+        run_support.begin_run(workdir, config, start, changes, workdir / LOG_FILE)
 
-    train_step = make_train_step(probe_graphdef, extract, make_loss(config), tx)
-    num_train, load_train = make_source(config, config.data.train_split, crop, input_size)
-    stream = data_lib.batches(load_train, num_train, config.train.batch_size, seed=config.seed, start_batch=start,
-                              num_workers=config.data.num_workers)
-    params, opt_state = state["params"], state["opt_state"]
-    bar = progress(range(start, config.train.num_steps), initial=start, total=config.train.num_steps, desc="probe",
-                   unit="step")
-    tick, tick_step = time.perf_counter(), start
-    for step in bar:
-        batch = {k: v for k, v in next(stream).items() if k != "index"}
-        params, opt_state, loss = train_step(params, opt_state, model_params, batch)
-        done = step + 1
-        if done % config.train.log_every == 0 or done == config.train.num_steps:
-            loss = float(loss)
-            if not np.isfinite(loss):
-                checkpointer.close()
-                raise errors.UserError(f"probe loss is {loss} at step {done}; lower train.lr")
-            now = time.perf_counter()
-            record = {"step": done, "loss": loss,
-                      "img_per_s": config.train.batch_size * (done - tick_step) / max(now - tick, 1e-9)}
-            tick, tick_step = now, done
-            with (workdir / "train_log.jsonl").open("a") as log:
-                log.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['img_per_s']:.1f}")
-        if done % config.train.checkpoint_every == 0 or done == config.train.num_steps:
-            state = {"step": jnp.asarray(done, jnp.int32), "params": params, "opt_state": opt_state}
-            checkpointer.save(done, state, meta)
-    checkpointer.close()
+        c = config.train
+        train_step = make_train_step(probe_graphdef, extract, task.make_loss(config), tx)
+        stream = data_lib.batches(load_train, num_train, c.batch_size, seed=config.seed, start_batch=start,
+                                  num_workers=config.data.num_workers)
+        watch = run_support.NonFiniteWatch(c.max_nonfinite, items="images", hint="check those images or lower train.lr")
+        params, opt_state = state["params"], state["opt_state"]
+        bar = progress(range(start, c.num_steps), initial=start, total=c.num_steps, desc="probe", unit="step")
+        tick, tick_step = time.perf_counter(), start
+        with run_support.StopSignals() as stop:
+            for step in bar:
+                batch = next(stream)
+                images = batch.pop("index")
+                params, opt_state, loss = train_step(params, opt_state, model_params, batch)
+                done = step + 1
+                stopping = stop.received  # read once: the checkpoint below is of the step the error names
+                watch.push(done, jnp.isfinite(loss), images)
+                if done % c.log_every == 0 or done == c.num_steps:
+                    watch.flush()
+                    now = time.perf_counter()
+                    row = {"loss": float(loss), "img_per_s": c.batch_size * (done - tick_step) / max(now - tick, 1e-9)}
+                    tick, tick_step = now, done
+                    writer.scalars(done, row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
+                if done % c.checkpoint_every == 0 or done == c.num_steps or stopping:
+                    state = {"step": jnp.asarray(done, jnp.int32), "params": params, "opt_state": opt_state}
+                    run_support.save_checkpoint(checkpointer, done, state, meta)
+                if stopping:
+                    raise run_support.stopped(stopping, done, checkpointer)
+    finally:
+        checkpointer.close()
+        writer.close()
 
-    num_eval, load_eval = make_source(config, config.data.eval_split, crop, input_size)
+    num_eval, load_eval = task.make_source(config, config.data.eval_split, crop, input_size)
     eval_step = make_eval_step(config, probe_graphdef, extract)
     metrics = evaluate(config, eval_step, params, model_params, num_eval, load_eval, workdir / "pictures")
+    rows = run_support.read_jsonl(workdir / LOG_FILE)
     metrics.update(task=config.task, features=config.features.which, feature_source=source,
-                   steps=config.train.num_steps, last_loss=_last_loss(workdir), crop=crop, input_size=input_size)
+                   steps=config.train.num_steps, last_loss=rows[-1]["loss"] if rows else None, crop=crop,
+                   input_size=input_size)
     (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def _last_loss(workdir: pathlib.Path) -> float | None:
-    log = workdir / "train_log.jsonl"
-    lines = log.read_text().splitlines() if log.is_file() else []
-    return json.loads(lines[-1])["loss"] if lines else None
 
 
 def summary(metrics: dict[str, Any]) -> str:

@@ -6,14 +6,9 @@ takes explicit arguments.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import pathlib
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,10 +31,19 @@ from flowfeat_jax.train import checkpoint as ckpt_lib
 from flowfeat_jax.train import metric_writer
 from flowfeat_jax.train import sharding
 from flowfeat_jax.train import step as step_lib
-
-
-class TrainingError(errors.UserError):
-    """Training cannot go on (non-finite steps, a mismatched checkpoint); the message says why."""
+from flowfeat_jax.train.run_support import (
+    NonFiniteWatch,
+    RunLock,
+    StopSignals,
+    TrainingError,
+    begin_run,
+    make_workdir,
+    read_jsonl,
+    resume_point,
+    save_checkpoint,
+    stopped,
+    warn_half_written,
+)
 
 
 def make_optimizer(train_cfg: ml_collections.ConfigDict, random_decoder: bool) -> optax.GradientTransformation:
@@ -183,188 +187,14 @@ class BestCheckpoint:
         self.checkpointer.close()
 
 
-class NonFiniteWatch:
-    """Counts consecutive non-finite steps on the host, one step behind the device so nothing waits for it."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.bad: list[tuple[int, list[int]]] = []  # (step, video ids) of the current run of bad steps
-        self.pending: tuple[int, jax.Array, list[int]] | None = None
-
-    def push(self, step: int, finite: jax.Array, videos: np.ndarray) -> None:
-        previous, self.pending = self.pending, (step, finite, np.asarray(videos).tolist())
-        if previous is not None:
-            self._check(*previous)
-
-    def flush(self) -> None:
-        if self.pending is not None:
-            self._check(*self.pending)
-            self.pending = None
-
-    def _check(self, step: int, finite: jax.Array, videos: list[int]) -> None:
-        if bool(jax.device_get(finite)):
-            self.bad = []
-            return
-        self.bad.append((step, videos))
-        logging.warning("step %d: non-finite loss, gradient or update (videos %s); state left unchanged", step, videos)
-        if len(self.bad) >= self.limit:
-            raise TrainingError(
-                f"{len(self.bad)} consecutive non-finite steps, {self.bad[0][0]} to {step}; "
-                f"videos of step {step}: {videos}; check those videos' flow or lower train.lr"
-            )
-
-
-class StopSignals:
-    """SIGTERM / SIGINT set a flag instead of killing the run, so the loop can save a checkpoint first."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
-            return self  # signals reach only the main thread; elsewhere the caller handles them
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def warn_half_written(directory: pathlib.Path) -> None:
-    """Orbax writes into a temporary folder and renames it when done; leftovers of a killed save are ignored."""
-    if directory.is_dir():
-        for path in sorted(directory.iterdir()):
-            if "tmp" in path.name:
-                logging.warning("ignoring half-written checkpoint %s (the save was interrupted)", path)
-                print(f"warning: ignoring half-written checkpoint {path}", file=sys.stderr)
-
-
 def read_pictures(directory: pathlib.Path) -> dict[str, np.ndarray]:
     """{"pca/<sequence>": RGB uint8} of the PCA pictures an evaluation wrote."""
     return {f"pca/{p.stem}": np.asarray(Image.open(p).convert("RGB")) for p in sorted(directory.glob("*.png"))}
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def drop_metrics_after(path: pathlib.Path, step: int) -> None:
-    """Rows logged after the checkpoint a run resumes from belong to steps it will run again (a run killed, or a
-    failed save, after logging them): dropped, so the rerun does not log those steps twice."""
-    rows = _read_jsonl(path)
-    kept = [row for row in rows if row.get("step", 0) <= step]
-    if jax.process_index() == 0 and len(kept) != len(rows):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        tmp.replace(path)
-
-
 def evaluated_steps(path: pathlib.Path) -> set[int]:
     """Steps with a validation row in metrics.jsonl (a validation that did not finish wrote none)."""
-    return {row["step"] for row in _read_jsonl(path) if any(k.startswith("eval/") for k in row)}
-
-
-# Settings a resumed run may change: they decide when to log, save, stop and evaluate, not the trajectory.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "train.num_steps",
-        "train.log_every",
-        "train.checkpoint_every",
-        "train.keep_checkpoints",
-        "train.max_nonfinite",
-        "train.allow_changes",
-        "data.num_workers",
-        "data.prefetch",
-        "log.tensorboard",
-        "log.wandb_project",
-        "model.remat",  # recomputes the same values in the backward pass
-        "model.encoder",  # a moved encoder folder: its weights are checked by digest (check_same_encoder)
-    }
-)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def changed_settings(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """`key: old -> new` for every trajectory setting of `config` that differs from the checkpoint's config `saved`
-    (keys the saved config lacks, from an older version of this code, are not compared)."""
-    old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
-    return [
-        f"{key}: {old[key]!r} -> {new[key]!r}"
-        for key in sorted(new)
-        if key in old and old[key] != new[key] and key not in RESUMABLE_CHANGES and not key.startswith("eval.")
-    ]
-
-
-class RunLock:
-    """An exclusive lock on `workdir/run.lock` (flock, released when the process ends, even killed) holding the pid
-    of the run, so a second training on one workdir stops at once instead of corrupting the first's checkpoints."""
-
-    def __init__(self, workdir: pathlib.Path):
-        self.path = workdir / "run.lock"
-        self._file = None
-
-    def __enter__(self):
-        if jax.process_index() != 0:  # a multi-host run shares one workdir; its first process holds the lock
-            return self
-        self._file = self.path.open("a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "unknown"
-            self._file.close()
-            raise TrainingError(
-                f"{self.path}: another run (pid {holder}) is training in this workdir; wait for it to end or use "
-                "another --workdir"
-            ) from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"{os.getpid()}\n")
-        self._file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        if self._file is not None:
-            self._file.close()  # closing releases the flock; the file stays (its pid is stale, harmless)
-        return False
-
-
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-def save_checkpoint(checkpointer: ckpt_lib.Checkpointer, step: int, state: Any, meta: dict, data_iterator) -> None:
-    """Saves a state only when every parameter, EMA and optimiser leaf is finite: a non-finite state never reaches a
-    checkpoint (it would be resumed, exported and evaluated as if it were a model)."""
-    with jax.transfer_guard("allow"):
-        finite = bool(jax.device_get(_all_finite((state.params, state.ema_params, state.opt_state, state.flow_head))))
-    if not finite:
-        raise TrainingError(
-            f"step {step}: the train state holds non-finite values; not saved (the checkpoints in "
-            f"{checkpointer.directory} are kept); check train.lr and the data"
-        )
-    checkpointer.save(step, state, meta, data_iterator)
+    return {row["step"] for row in read_jsonl(path) if any(k.startswith("eval/") for k in row)}
 
 
 def train(
@@ -383,13 +213,7 @@ def train(
     config_lib.validate_config(config)
     if config.eval.davis and validate is None:
         raise ValueError("config.eval.davis is set but no validation function was given (flowfeat_jax.main gives one)")
-    workdir = pathlib.Path(workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(
-            f"cannot create workdir {workdir}: {e.strerror or e}; give a --workdir in a writable folder"
-        ) from e
+    workdir = make_workdir(workdir)
     with RunLock(workdir):
         return _train_locked(config, workdir, validate)
 
@@ -426,38 +250,17 @@ def _train_locked(
     mesh = sharding.data_mesh()
     sharding.local_batch_size(config.train.batch_size, mesh)  # fails early on a batch that does not split
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    start = checkpointer.latest_step()
-    changes = []
-    if start is not None:
-        saved_meta = checkpointer.restore_meta(start)
-        ckpt_lib.check_same_encoder(saved_meta, encoder_source, encoder_digest, workdir)
-        changes = changed_settings(saved_meta.get("config", {}), config) if "imported" not in saved_meta else []
-        if changes and not config.train.allow_changes:
-            raise TrainingError(
-                f"{workdir}: resuming from step {start} with changed settings that alter the training "
-                f"({'; '.join(changes)}); rerun with the checkpoint's settings, use another --workdir, or pass "
-                "--config.train.allow_changes=True"
-            )
+    start, changes = resume_point(checkpointer, config, encoder_source, encoder_digest, workdir)
     batches, data_iterator = make_batches(config, workdir, start or 0)
     if start is not None:
         state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iterator)
         logging.info("resumed from %s at step %d", checkpointer.directory, start)
-    # Written after the checks above, so a refused run leaves the config of the run in `workdir` as it was; an
-    # allowed change keeps the config it replaces as config.<step>.json.
-    config_path = workdir / "config.json"
-    if changes and config_path.is_file() and jax.process_index() == 0:
-        config_path.replace(workdir / f"config.{start}.json")
-    if jax.process_index() == 0:
-        config_path.write_text(config.to_json_best_effort(indent=2) + "\n")
+    start = int(state.step)
+    metrics_path = workdir / "metrics.jsonl"
+    begin_run(workdir, config, start, changes, metrics_path)
     best = None
     if config.eval.davis and config.eval.keep_best:
         best = BestCheckpoint(workdir / "best", f"eval/{config.eval.protocols.split(',')[0]}/JF_mean")
-    start = int(state.step)
-    metrics_path = workdir / "metrics.jsonl"
-    if start:
-        drop_metrics_after(metrics_path, start)
-        print(f"resuming from step {start} ({workdir / 'checkpoints'})" + (
-            f"; changed: {'; '.join(changes)} (earlier config in config.{start}.json)" if changes else ""))
     state, encoder_params = sharding.replicate((state, encoder_params), mesh)
 
     train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, step_config(config)))
@@ -513,10 +316,7 @@ def _train_locked(
                     if saving:
                         save_checkpoint(checkpointer, done, state, meta, data_iterator)
                     if stopping:
-                        raise TrainingError(
-                            f"stopped by {stopping} after step {done}; checkpoint saved in {checkpointer.directory}, "
-                            "run the same command to resume"
-                        )
+                        raise stopped(stopping, done, checkpointer)
                     every = config.eval.every
                     if config.eval.davis and every and done % every == 0 and done != num_steps:
                         last.update(validate_and_log(state, done, ("flowfeat",)))

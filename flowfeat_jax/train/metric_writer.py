@@ -31,11 +31,14 @@ class MetricWriter:
       wandb_project: a W&B project name ('' = no W&B); wandb must then be installed.
       config: the run's config as a plain dict (stored by W&B with the run).
       enabled: False on every process but the first of a multi-host run (one writer).
+      jsonl_name: the name of the scalars file in `workdir` (a probe run logs to train_log.jsonl beside the
+        metrics.json of its evaluation).
     """
 
     def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, wandb_project: str = "",
-                 config: Mapping[str, Any] | None = None, enabled: bool = True):
+                 config: Mapping[str, Any] | None = None, enabled: bool = True, jsonl_name: str = METRICS_FILE):
         self.workdir = pathlib.Path(workdir)
+        self.jsonl_path = self.workdir / jsonl_name
         self.enabled = enabled
         self._config = dict(config or {})
         self._tensorboard, self._wandb_project = tensorboard, wandb_project
@@ -64,7 +67,7 @@ class MetricWriter:
         """One metrics.jsonl line {"step": step, **values}, one TensorBoard scalar per value, one W&B log call."""
         if not self.enabled:
             return
-        with (self.workdir / METRICS_FILE).open("a") as f:
+        with self.jsonl_path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         tb, run = self._sinks()
         if tb is not None:

@@ -14,6 +14,7 @@ jit, no host round trip) and is counted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,6 +46,17 @@ class TrainState:
     # The learned (d + 1, c) features -> flow map of the `flow_map='linear'` ablation (trained with the decoder by
     # the same optimiser; opt_state then covers {"decoder", "flow_head"}); None for the released per-image ridge map.
     flow_head: PyTree = None
+
+
+def update_is_finite(loss: jax.Array, grad_norm: jax.Array, updates: PyTree) -> jax.Array:
+    """Whether a step may be written. What would be written decides: a finite gradient can still give a non-finite
+    update (lr = nan, overflow)."""
+    return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+
+
+def keep_if_finite(finite: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """`new` after a finite step, else `old`, leaf by leaf inside jit: a non-finite step changes nothing."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +183,8 @@ def make_train_step(
             inv_gamma=cfg.ema.inv_gamma,
         )
 
-        # What would be written decides: a finite gradient can still give a non-finite update (lr = nan, overflow).
-        finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        finite = update_is_finite(terms["loss"], grad_norm, updates)
+        keep = functools.partial(keep_if_finite, finite)
         new_state = state.replace(
             step=state.step + 1,
             params=keep(params, state.params),
