@@ -410,6 +410,7 @@ def test_cli_nyu_folder_smoke(tmp_path):
     assert "rmse=" in out.stdout
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_line_error(tmp_path, capsys):
     from flowfeat_jax import cli
 

@@ -42,7 +42,7 @@ DIRECT_READERS = {
     "train.checkpoint_every": "train/loop.py",  # train()
     "train.keep_checkpoints": "train/loop.py",  # train()
     "train.max_nonfinite": "train/loop.py",  # train()
-    "train.allow_changes": "train/loop.py",  # train(): resume with changed settings
+    "train.allow_changes": "train/run_support.py",  # resume rules shared by the train loop and the probe trainer
     "eval.davis": "apps/validation.py",  # davis_validation
     "eval.split": "apps/validation.py",
     "eval.sequences": "apps/validation.py",
