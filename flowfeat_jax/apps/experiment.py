@@ -429,7 +429,8 @@ def sweep_markdown(summary: dict, protocols: Sequence[str]) -> str:
     for name, by_protocol in summary.items():
         ablation = ABLATIONS.get(name)
         label = ablation.label if ablation else CONTROLS[name]
-        paper = "" if ablation is None else ("0" if name == "full" else f"{ablation.paper_delta:+.1f}")
+        paper = "" if ablation is None else (
+            "0" if name == "full" else f"{ablation.paper_delta:+.1f}" if ablation.paper_delta else "±0")
         cells = []
         for p in protocols:
             s = by_protocol[p]
