@@ -336,7 +336,7 @@ def run_ablation_sweep(
     }
     eval_kwargs = {k: v for k, v in settings.items() if k != "decoder"}
     rows: dict[str, SweepRow] = {name: {p: [] for p in protocols} for name in (*ablations, *CONTROLS)}
-    runs = []
+    runs, control_s = [], []
     total = len(ablations) * len(seeds)
     for seed in seeds:
         control_path = sweep_dir / "controls" / f"seed{seed}" / "scores.json"
@@ -351,6 +351,7 @@ def run_ablation_sweep(
             controls = {"settings": settings, "scores": {"encoder": scores["encoder"], "untrained": scores["flowfeat"]},
                         "eval_s": time.perf_counter() - start}
             control_path.write_text(json.dumps(controls, indent=2) + "\n")
+        control_s.append(controls["eval_s"])
         for row in CONTROLS:
             for p in protocols:
                 rows[row][p].append(controls["scores"][row][p]["JF_mean"])
@@ -377,8 +378,7 @@ def run_ablation_sweep(
                 f"{p} J&F {record['scores'][p]['JF_mean']:.3f}" for p in protocols), flush=True)
 
     summary = summarize_sweep(rows, protocols)
-    wall_s = sum(r["train_s"] + r["eval_s"] for r in runs) + sum(
-        json.loads((sweep_dir / "controls" / f"seed{s}" / "scores.json").read_text())["eval_s"] for s in seeds)
+    wall_s = sum(r["train_s"] + r["eval_s"] for r in runs) + sum(control_s)
     caption = sweep_caption(config, seeds, sequences, split, wall_s)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablations.md").write_text(caption + "\n\n" + sweep_markdown(summary, protocols) + "\n")
@@ -396,6 +396,11 @@ def run_ablation_sweep(
     return facts
 
 
+def _sample_sd(values: np.ndarray) -> float:
+    """The sample standard deviation (ddof 1) over seeds; 0 for a single seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def summarize_sweep(rows: dict[str, SweepRow], protocols: Sequence[str]) -> dict:
     """Per row and protocol, in J&F points (x100): per-seed values, mean, sample sd, and the paired difference to
     'full' of the same seed (the rows of one seed share the encoder, the data order and the crops) with its sd."""
@@ -405,9 +410,8 @@ def summarize_sweep(rows: dict[str, SweepRow], protocols: Sequence[str]) -> dict
         for p in protocols:
             values = 100 * np.asarray(by_protocol[p], float)
             delta = values - 100 * np.asarray(rows["full"][p], float)
-            sd = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0  # noqa: E731
-            summary[name][p] = {"values": values.round(3).tolist(), "mean": float(values.mean()), "sd": sd(values),
-                                "delta": float(delta.mean()), "delta_sd": sd(delta)}
+            summary[name][p] = {"values": values.round(3).tolist(), "mean": float(values.mean()),
+                                "sd": _sample_sd(values), "delta": float(delta.mean()), "delta_sd": _sample_sd(delta)}
     return summary
 
 
